@@ -341,7 +341,9 @@ def _value_range(name: str, kind: str, entry: Mapping[str, Any]) -> tuple[float,
     try:
         low, high = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"Continuous variable '{name}' has an invalid range {value!r}; expected [low, high].") from None
+        raise ValueError(
+            f"Continuous variable '{name}' has an invalid range {value!r}; expected [low, high]."
+        ) from None
     if not low < high:
         raise ValueError(f"Continuous variable '{name}' has an empty range [{low}, {high}].")
     return (low, high)

@@ -116,7 +116,9 @@ class AttributeEncoder:
 
     def encode(self, values: Mapping[str, Any], names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Encode canonical values of ``names`` (default: all attributes present in ``values``)."""
-        names = self.graph.check_names(names) if names is not None else [n for n in self.graph.attributes if n in values]
+        names = (
+            self.graph.check_names(names) if names is not None else [n for n in self.graph.attributes if n in values]
+        )
         missing = [n for n in names if n not in values]
         if missing:
             raise ValueError(f"Attributes {missing} are missing; got keys {sorted(values)}.")
@@ -177,7 +179,9 @@ class AttributeEncoder:
         try:
             number = float(raw)
         except (TypeError, ValueError):
-            raise ValueError(f"'{var.name}' has unknown category {raw!r}; expected one of {list(var.class_names)}.") from None
+            raise ValueError(
+                f"'{var.name}' has unknown category {raw!r}; expected one of {list(var.class_names)}."
+            ) from None
         if not number.is_integer() or not 0 <= number < var.num_classes:
             raise ValueError(
                 f"'{var.name}' has unknown category {raw!r}; expected one of {list(var.class_names)} "
