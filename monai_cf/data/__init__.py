@@ -12,6 +12,53 @@
 
 from __future__ import annotations
 
+from .csv_dataset import (
+    IMAGE_SUFFIXES,
+    MIMIC_CXR_PRESET,
+    DatasetValidationError,
+    EncodeAttributesd,
+    GrayscaleImageReader,
+    LoadGrayscaleImaged,
+    RowProblem,
+    check_image,
+    csv_dataset,
+    image_format,
+    load_csv_datalist,
+    load_image_transforms,
+    mimic_cxr_datalist,
+)
 from .encoding import AttributeEncoder
 
-__all__ = ["AttributeEncoder"]
+_PHANTOM_NAMES = ("SyntheticCXR", "NOISE_KEYS", "PHANTOM_VERSION", "disease_probability", "save_counterfactual_grid")
+
+
+def __getattr__(name: str):
+    # The phantom is imported lazily so that `python -m monai_cf.data.phantom` runs it as a fresh __main__.
+    if name in _PHANTOM_NAMES:
+        from . import phantom
+
+        return getattr(phantom, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "AttributeEncoder",
+    "DatasetValidationError",
+    "RowProblem",
+    "IMAGE_SUFFIXES",
+    "image_format",
+    "check_image",
+    "load_csv_datalist",
+    "GrayscaleImageReader",
+    "LoadGrayscaleImaged",
+    "load_image_transforms",
+    "EncodeAttributesd",
+    "csv_dataset",
+    "MIMIC_CXR_PRESET",
+    "mimic_cxr_datalist",
+    "SyntheticCXR",
+    "NOISE_KEYS",
+    "PHANTOM_VERSION",
+    "disease_probability",
+    "save_counterfactual_grid",
+]
