@@ -1,0 +1,30 @@
+# Copyright (c) monai_cf contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Networks of monai_cf: the HVAE image mechanism, attribute mechanisms and attribute predictors."""
+
+from __future__ import annotations
+
+from .hvae import HVAE, discretized_gaussian_log_likelihood, gaussian_kl, parse_decoder_arch, parse_encoder_arch
+from .mechanisms import (
+    BinaryGumbelMaxMechanism,
+    GumbelMaxMechanism,
+    Mechanism,
+    SplineFlowMechanism,
+    abduct_all,
+    build_mechanisms,
+    counterfactual_all,
+    log_prob_all,
+    parents_vector,
+    parents_width,
+    predict_all,
+    sample_all,
+)
+from .predictor import PREDICTOR_BACKBONES, AttributeLoss, AttributePredictor, SmallCNN

@@ -1,0 +1,322 @@
+# Copyright (c) monai_cf contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from monai_cf.networks import HVAE
+from monai_cf.networks.nets import (
+    discretized_gaussian_log_likelihood,
+    gaussian_kl,
+    parse_decoder_arch,
+    parse_encoder_arch,
+)
+
+TINY_2D = {
+    "spatial_dims": 2,
+    "in_channels": 1,
+    "spatial_size": 16,
+    "parents_dim": 3,
+    "encoder_arch": "16b1d2,8b1d2,4b1d4,1b1",
+    "decoder_arch": "1b1,4b1,8b1,16b1",
+    "widths": (16, 16, 32, 32),
+    "z_dim": 4,
+}
+TINY_3D = {
+    "spatial_dims": 3,
+    "in_channels": 2,
+    "spatial_size": 8,
+    "parents_dim": 2,
+    "encoder_arch": "8b1d2,4b1d4,1b1",
+    "decoder_arch": "1b1,4b1,8b1",
+    "widths": (8, 16, 16),
+    "z_dim": 3,
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # these models are tiny: one thread is fastest, and it avoids OpenMP stalls on a shared, busy CPU
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _quantise(x: torch.Tensor) -> torch.Tensor:
+    return torch.round((x.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
+
+
+def _data(config: dict, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    size = (batch, config["in_channels"]) + (config["spatial_size"],) * config["spatial_dims"]
+    x = _quantise(torch.rand(size, generator=gen) * 2 - 1)
+    pa = torch.randn(batch, config["parents_dim"], generator=gen)
+    return x, pa
+
+
+def _pattern_batch(n: int = 8, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bright discs of two radii on a dark background; the parent is the radius."""
+    coords = torch.linspace(-1, 1, size)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    radius = torch.tensor([0.35 if i % 2 else 0.7 for i in range(n)])
+    shift = torch.linspace(-0.2, 0.2, n)
+    dist = ((yy[None] - shift[:, None, None]) ** 2 + xx[None] ** 2).sqrt()
+    x = torch.where(dist < radius[:, None, None], 0.8, -0.8)[:, None]
+    pa = torch.stack([radius * 2 - 1, shift * 5, torch.ones(n)], dim=1)
+    return _quantise(x), pa
+
+
+@pytest.mark.parametrize("config", [TINY_2D, TINY_3D], ids=["2d", "3d"])
+def test_shapes_and_finite_elbo(config):
+    torch.manual_seed(0)
+    model = HVAE(**config)
+    x, pa = _data(config, batch=2)
+    losses = model.elbo(x, pa)
+    assert set(losses) == {"nelbo", "nll", "kl"}
+    for value in losses.values():
+        assert value.ndim == 0 and torch.isfinite(value)
+    assert losses["kl"] > 0
+    # nelbo = nll + beta * kl, also with a per-call beta
+    assert torch.allclose(losses["nelbo"], losses["nll"] + losses["kl"])
+    beta9 = model.elbo(x, pa, beta=9.0)
+    assert beta9["nelbo"] > losses["nelbo"]
+
+    latents = model.abduct(x, pa)
+    assert [tuple(z.shape[1:]) for z in latents] == model.latent_shapes
+    assert len(latents) == model.num_latents == len(parse_decoder_arch(config["decoder_arch"]))
+    loc, scale = model.decode(latents, pa)
+    assert loc.shape == x.shape and scale.shape == x.shape
+    assert (scale >= math.exp(-9.0) - 1e-12).all()
+    sample = model.sample(pa, t=0.5)
+    assert sample.shape == x.shape and sample.abs().max() <= 1
+    x_cf = model.counterfactual(x, pa, torch.randn_like(pa))
+    assert x_cf.shape == x.shape and x_cf.abs().max() <= 1
+    x_cfs = model.counterfactual(x, pa, torch.randn(3, *pa.shape))
+    assert x_cfs.shape == (3,) + tuple(x.shape)
+
+
+@pytest.mark.parametrize("config", [TINY_2D, TINY_3D], ids=["2d", "3d"])
+def test_null_intervention_is_identity(config):
+    torch.manual_seed(1)
+    model = HVAE(**config)
+    x, pa = _data(config, batch=3, seed=1)
+    # random abduction: the pixel noise absorbs whatever the latents miss
+    latents = model.abduct(x, pa)
+    loc, scale = model.decode(latents, pa)
+    u = (x - loc) / scale
+    assert (loc + scale * u - x).abs().max() < 1e-4
+    assert (model.counterfactual(x, pa, pa) - x).abs().max() < 1e-4
+    assert (model.counterfactual(x, pa, pa, latents=latents) - x).abs().max() < 1e-4
+    # deterministic abduction is exactly reproducible
+    first = model.abduct(x, pa, posterior_mean=True)
+    second = model.abduct(x, pa, posterior_mean=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    cf1 = model.counterfactual(x, pa, pa.flip(0), posterior_mean=True)
+    cf2 = model.counterfactual(x, pa, pa.flip(0), posterior_mean=True)
+    assert torch.equal(cf1, cf2)
+    # the shared factual/counterfactual pass agrees with separate decodes
+    loc_f, scale_f = model.decode(first, pa)
+    loc_c, scale_c = model.decode(first, pa.flip(0))
+    expected = (loc_c + scale_c * (x - loc_f) / scale_f).clamp(-1, 1)
+    assert torch.allclose(cf1, expected, atol=1e-4)
+    # several interventions at once equal one at a time
+    stacked = model.counterfactual(x, pa, torch.stack([pa, pa.flip(0)]), posterior_mean=True)
+    assert (stacked[0] - x).abs().max() < 1e-4
+    assert torch.allclose(stacked[1], cf1, atol=1e-5)
+
+
+def test_prior_is_exogenous_and_parents_change_decode():
+    torch.manual_seed(2)
+    model = HVAE(**TINY_2D)
+    x, pa = _data(TINY_2D, batch=4, seed=2)
+    pa_other = pa + 1.5
+    # latents sampled from the prior do not depend on the parents
+    torch.manual_seed(5)
+    _, _, z_a = model._decoder_pass(pa, batch=4, want_latents=True)
+    torch.manual_seed(5)
+    _, _, z_b = model._decoder_pass(pa_other, batch=4, want_latents=True)
+    assert all(torch.equal(a, b) for a, b in zip(z_a, z_b))
+    # but the image does, through the deterministic path
+    latents = model.abduct(x, pa, posterior_mean=True)
+    loc_a, _ = model.decode(latents, pa)
+    loc_b, _ = model.decode(latents, pa_other)
+    assert (loc_a - loc_b).abs().mean() > 1e-3
+    x_cf = model.counterfactual(x, pa, pa_other, posterior_mean=True)
+    assert (x_cf - x).abs().mean() > 1e-3
+    # the posterior does see the parents
+    latents_other = model.abduct(x, pa_other, posterior_mean=True)
+    assert (latents[0] - latents_other[0]).abs().mean() > 1e-4
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(3)
+    x, pa = _pattern_batch(8, 16)
+    model = HVAE(**TINY_2D)
+    # the reference's optimiser settings; clipping because the discretised likelihood gives gradient spikes
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.9))
+    history = []
+    for _ in range(200):
+        optimizer.zero_grad()
+        losses = model.elbo(x, pa)
+        losses["nelbo"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 20.0)
+        optimizer.step()
+        history.append(losses["nelbo"].item())
+    start, end = history[0], sum(history[-20:]) / 20
+    assert end < start - 0.3 * abs(start), (start, end)
+    # after training, the radius parent visibly changes the decoded image
+    with torch.no_grad():
+        latents = model.abduct(x, pa, posterior_mean=True)
+        pa_swapped = pa.clone()
+        pa_swapped[:, 0] = -pa[:, 0]
+        x_cf = model.counterfactual(x, pa, pa_swapped, latents=latents)
+        assert (model.counterfactual(x, pa, pa, latents=latents) - x).abs().max() < 1e-4
+        assert (x_cf - x).abs().mean() > 0.01
+
+
+def test_channels_last_matches():
+    torch.manual_seed(4)
+    model = HVAE(**TINY_2D)
+    x, pa = _data(TINY_2D, batch=2, seed=4)
+    expected = model.elbo(x, pa, beta=1.0)
+    # posterior means make the comparison deterministic
+    z = model.abduct(x, pa, posterior_mean=True)
+    loc, _ = model.decode(z, pa)
+    model = model.to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    z_cl = model.abduct(x_cl, pa, posterior_mean=True)
+    loc_cl, _ = model.decode(z_cl, pa)
+    assert torch.allclose(loc, loc_cl, atol=1e-5)
+    torch.manual_seed(0)
+    assert torch.isfinite(model.elbo(x_cl, pa)["nelbo"])
+    assert torch.isfinite(expected["nelbo"])
+
+
+def test_free_bits():
+    torch.manual_seed(6)
+    model = HVAE(**TINY_2D)
+    x, pa = _data(TINY_2D, batch=2, seed=6)
+    torch.manual_seed(0)
+    plain = model.elbo(x, pa)
+    torch.manual_seed(0)
+    big = model.elbo(x, pa, free_bits=1e4)
+    # every channel of every layer is lifted to the free-bits floor
+    channels = model.num_latents * model.z_dim
+    assert torch.allclose(big["kl"], torch.tensor(1e4 * channels / x[0].numel()))
+    assert torch.allclose(big["nll"], plain["nll"])
+
+
+@pytest.mark.parametrize("spatial_dims, size", [(2, 32), (3, 12)])
+def test_fast_cpu_kernels_match_convolution(spatial_dims, size):
+    from monai_cf.networks.nets.hvae import _pointwise, _spatial_conv
+
+    torch.manual_seed(9)
+    conv_type = torch.nn.Conv2d if spatial_dims == 2 else torch.nn.Conv3d
+    for conv, fast in [(conv_type(4, 3, 3, padding=1), _spatial_conv), (conv_type(6, 5, 1), _pointwise)]:
+        conv = conv.double()
+        x = torch.randn((2, conv.in_channels) + (size,) * spatial_dims, dtype=torch.double, requires_grad=True)
+        grad = torch.randn((2, conv.out_channels) + (size,) * spatial_dims, dtype=torch.double)
+        params = (x, conv.weight, conv.bias)
+        expected = conv(x)
+        got = fast(conv, x)
+        assert torch.allclose(got, expected, atol=1e-10)
+        for a, b in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(expected, params, grad)):
+            assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_discretized_likelihood_normalises():
+    bins = torch.linspace(-1, 1, 256)
+    for loc, logscale in [(0.0, -1.0), (0.9, -3.0), (-0.99, -6.0), (0.3, 1.0), (2.0, -2.0)]:
+        logp = discretized_gaussian_log_likelihood(bins, torch.tensor(loc), torch.tensor(logscale))
+        assert abs(logp.exp().sum().item() - 1.0) < 1e-4, (loc, logscale)
+    # a sharp Gaussian on a bin centre puts all its mass there
+    logp = discretized_gaussian_log_likelihood(bins[100], bins[100], torch.tensor(-9.0))
+    assert abs(logp.item()) < 1e-5
+    # far tail bins stay finite (no cancellation to log(0))
+    logp = discretized_gaussian_log_likelihood(torch.tensor(0.5), torch.tensor(-0.5), torch.tensor(-2.0))
+    assert torch.isfinite(logp) and logp > -60
+
+
+def test_gaussian_kl_matches_torch():
+    gen = torch.Generator().manual_seed(7)
+    q_loc, q_ls, p_loc, p_ls = (torch.randn(50, generator=gen) for _ in range(4))
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(q_loc, q_ls.exp()), torch.distributions.Normal(p_loc, p_ls.exp())
+    )
+    assert torch.allclose(gaussian_kl(q_loc, q_ls, p_loc, p_ls), expected, atol=1e-5)
+
+
+def test_presets_and_architecture_parsing():
+    assert parse_encoder_arch("32b3d2,16b3d2,1b4") == [(32, 3, 2), (16, 3, 2), (1, 4, 1)]
+    assert parse_decoder_arch([(1, 2), (4, 3)]) == [(1, 2), (4, 3)]
+    mimic = HVAE.from_preset("mimic192")
+    params = sum(p.numel() for p in mimic.parameters())
+    assert abs(params - 7.98e6) / 7.98e6 < 0.2, params
+    # 38 stochastic layers of 16 channels: 1,016,096 latent dimensions as in the reference
+    assert mimic.num_latents == 38
+    assert sum(math.prod(s) for s in mimic.latent_shapes) == 1_016_096
+    mnist = HVAE.from_preset("morphomnist")
+    assert abs(sum(p.numel() for p in mnist.parameters()) - 2.04e6) / 2.04e6 < 0.2
+    assert sum(math.prod(s) for s in mnist.latent_shapes) == 87_104
+    for name, size in [("small32", 32), ("small64", 64)]:
+        model = HVAE.from_preset(name)
+        assert model.spatial_size == (size, size)
+        assert 2e5 < sum(p.numel() for p in model.parameters()) < 2e6
+    assert HVAE.from_preset("small32", parents_dim=4).parents_dim == 4
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (torch.zeros(2, 16, 16), r"must have 4 dims \(B, 1, 16, 16\), got shape \(2, 16, 16\)"),
+        (torch.zeros(2, 3, 16, 16), r"must have 1 channel\(s\) \(B, 1, 16, 16\), got shape \(2, 3, 16, 16\)"),
+        (torch.zeros(2, 1, 32, 32), r"spatial size \(16, 16\) \(B, 1, 16, 16\), got shape \(2, 1, 32, 32\)"),
+    ],
+)
+def test_bad_image_raises(bad, match):
+    model = HVAE(**TINY_2D)
+    with pytest.raises(ValueError, match=match):
+        model.elbo(bad, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=match):
+        model.abduct(bad, torch.zeros(2, 3))
+
+
+def test_bad_parents_and_config_raise():
+    model = HVAE(**TINY_2D)
+    x, pa = _data(TINY_2D, batch=2)
+    with pytest.raises(ValueError, match=r"pa must have shape \(2, 3\), got \(2, 5\)"):
+        model.elbo(x, torch.zeros(2, 5))
+    with pytest.raises(ValueError, match=r"pa must have shape \(2, 3\), got \(4, 3\)"):
+        model.elbo(x, torch.zeros(4, 3))
+    with pytest.raises(ValueError, match=r"pa_cf must have shape"):
+        model.counterfactual(x, pa, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"latent 0 must have shape"):
+        model.decode([torch.zeros(2, 1, 1, 1)] + [None] * (model.num_latents - 1), pa)
+    with pytest.raises(ValueError, match="spatial_size is 32"):
+        HVAE(**{**TINY_2D, "spatial_size": 32})
+    with pytest.raises(ValueError, match="one width per encoder stage"):
+        HVAE(**{**TINY_2D, "widths": (8, 16)})
+    with pytest.raises(ValueError, match="not of the form"):
+        HVAE(**{**TINY_2D, "encoder_arch": "16x1"})
+    with pytest.raises(ValueError, match="unknown HVAE preset"):
+        HVAE.from_preset("nope")
+
+
+def test_unconditional_model():
+    torch.manual_seed(8)
+    model = HVAE(**{**TINY_2D, "parents_dim": 0})
+    x, _ = _data({**TINY_2D, "parents_dim": 0}, batch=2)
+    assert torch.isfinite(model.elbo(x)["nelbo"])
+    assert model.sample(batch_size=3).shape == (3, 1, 16, 16)
