@@ -27,7 +27,12 @@ __all__ = ["AttributeKind", "Variable", "CausalGraph", "DEFAULT_GRAPHS", "mimic_
 
 
 class AttributeKind:
-    """Value kinds an attribute can take."""
+    """Value kinds an attribute can take.
+
+    Example::
+
+        CausalGraph.from_name("mimic_cxr")["age"].kind == AttributeKind.CONTINUOUS  # True
+    """
 
     BINARY = "binary"
     CATEGORICAL = "categorical"
@@ -48,6 +53,11 @@ class Variable:
             Binary attributes default to ``("0", "1")``.
         value_range: ``(low, high)`` of a continuous attribute in original units. Network inputs are the
             values scaled linearly from this range to ``[-1, 1]``.
+
+    Example::
+
+        race = Variable("race", AttributeKind.CATEGORICAL, class_names=("White", "Asian", "Black"))
+        race.dim, race.num_classes  # (3, 3): one-hot encoded
     """
 
     name: str

@@ -92,6 +92,11 @@ class RowProblem:
         column: the CSV column at fault (``None`` if the whole row is malformed).
         value: the offending raw value as written in the CSV.
         message: what is wrong with it.
+
+    Example::
+
+        problem = RowProblem(row=3, line=4, column="age", value="150", message="outside [0, 100]")
+        problem.describe("train.csv")  # "train.csv row 3 (line 4), column 'age': value '150': outside [0, 100]"
     """
 
     row: int | None
@@ -116,6 +121,13 @@ class DatasetValidationError(ValueError):
         csv_file: the CSV that was validated.
         problems: every :class:`RowProblem` found.
         bad_rows: the data row numbers with at least one problem.
+
+    Example::
+
+        try:
+            load_csv_datalist("train.csv", "mimic_cxr")
+        except DatasetValidationError as error:
+            print(error.bad_rows, [p.column for p in error.problems])
     """
 
     def __init__(self, csv_file: str, problems: Sequence[RowProblem], total_rows: int, headline: str | None = None):

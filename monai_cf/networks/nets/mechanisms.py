@@ -65,6 +65,13 @@ class Mechanism(nn.Module):
         value_dim: width of the encoded value.
         parents_dim: width of the concatenated encoded parents (0 for a root).
         noise_dim: width of the exogenous noise.
+
+    Example::
+
+        mech = SplineFlowMechanism(parents_dim=0)  # a continuous root, e.g. age in [-1, 1] units
+        value = torch.tensor([[0.2], [-0.5]])
+        noise = mech.abduct(value)
+        torch.allclose(mech.predict(noise), value)  # True: abduction inverts the mechanism
     """
 
     def __init__(self, value_dim: int, parents_dim: int, noise_dim: int) -> None:
