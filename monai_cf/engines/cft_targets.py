@@ -1,0 +1,179 @@
+# Copyright (c) monai_cf contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The pieces of counterfactual fine-tuning (Algorithm 1 of Soft-CFT) that do not depend on an engine.
+
+- :func:`sample_interventions`: one random image parent per sample, its value taken from another sample;
+- :func:`cft_targets`: the predictor targets for the counterfactual images, hard or soft;
+- :class:`DampedLagrangian`: the constraint that keeps the nELBO near its value before fine-tuning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from monai_cf.graph import CausalGraph
+
+__all__ = ["CFT_MODES", "InterventionBatch", "sample_interventions", "affected_mask", "cft_targets", "DampedLagrangian"]
+
+#: ``none``: no fine-tuning (the baseline); ``hard``: factual labels for A*; ``soft``: predictor probabilities.
+CFT_MODES = ("none", "hard", "soft")
+
+
+@dataclass
+class InterventionBatch:
+    """Per-sample single-attribute interventions of a batch, in encoded space.
+
+    Attributes:
+        chosen: ``(B,)`` index into ``attributes`` of the attribute intervened on in each sample.
+        attributes: the candidate attributes (the image parents), in graph order.
+        do: encoded intervention value per attribute, ``(B, dim)``.
+        do_mask: ``(B,)`` booleans per attribute: the samples intervened on that attribute.
+    """
+
+    chosen: torch.Tensor
+    attributes: tuple[str, ...]
+    do: dict[str, torch.Tensor]
+    do_mask: dict[str, torch.Tensor]
+
+
+def sample_interventions(
+    graph: CausalGraph,
+    encoded: Mapping[str, torch.Tensor],
+    generator: torch.Generator | None = None,
+    attributes: tuple[str, ...] | None = None,
+) -> InterventionBatch:
+    """Draw one intervention per sample, as in counterfactual fine-tuning.
+
+    Each sample intervenes on one attribute chosen uniformly among ``attributes`` (default: the image
+    parents); the value is that attribute's value in another sample of the batch (a random permutation), so
+    interventions follow the data's marginal distribution.
+
+    Args:
+        graph: the causal graph.
+        encoded: encoded factual attributes, ``(B, dim)`` each.
+        generator: random generator (on the CPU) for reproducible draws.
+        attributes: the attributes that may be intervened on.
+
+    Example::
+
+        interventions = sample_interventions(graph, encoded, torch.Generator().manual_seed(0))
+        cf = counterfactual_all(mechanisms, graph, encoded, interventions.do, interventions.do_mask)
+    """
+    attributes = tuple(graph.check_names(attributes if attributes is not None else graph.image_parents))
+    if not attributes:
+        raise ValueError("No attribute to intervene on.")
+    batch = next(iter(encoded.values())).shape[0]
+    device = next(iter(encoded.values())).device
+    chosen = torch.randint(len(attributes), (batch,), generator=generator).to(device)
+    do, do_mask = {}, {}
+    for index, name in enumerate(attributes):
+        permutation = torch.randperm(batch, generator=generator).to(device)
+        do[name] = encoded[name][permutation]
+        do_mask[name] = chosen == index
+    return InterventionBatch(chosen=chosen, attributes=attributes, do=do, do_mask=do_mask)
+
+
+def affected_mask(graph: CausalGraph, interventions: InterventionBatch) -> dict[str, torch.Tensor]:
+    """Per image parent, ``(B,)`` booleans: intervened on, or a descendant of the sample's intervention.
+
+    The complement is the per-sample soft target set A* (:meth:`CausalGraph.soft_target_set`).
+    """
+    masks = {name: torch.zeros_like(interventions.chosen, dtype=torch.bool) for name in graph.image_parents}
+    for index, name in enumerate(interventions.attributes):
+        reach = {name} | graph.descendants(name)
+        for target in reach & set(masks):
+            masks[target] = masks[target] | (interventions.chosen == index)
+    return masks
+
+
+def cft_targets(
+    graph: CausalGraph,
+    mode: str,
+    factual: Mapping[str, torch.Tensor],
+    counterfactual: Mapping[str, torch.Tensor],
+    affected: Mapping[str, torch.Tensor],
+    real_probabilities: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Targets of the guidance predictor on counterfactual images (Algorithm 1).
+
+    Attributes that are intervened on or descend from the intervention get their counterfactual value (a
+    hard label). The others, the set A*, get the factual label in ``"hard"`` mode and, for discrete
+    attributes, the guidance predictor's probability on the *real* image in ``"soft"`` mode; continuous
+    attributes in A* keep their (hard) factual value in both modes.
+
+    Args:
+        graph: the causal graph.
+        mode: ``"hard"`` or ``"soft"``.
+        factual: encoded factual attributes, ``(B, dim)``.
+        counterfactual: encoded counterfactual attributes, ``(B, dim)``.
+        affected: from :func:`affected_mask`.
+        real_probabilities: the predictor's probabilities on the real images (``(B, 1)`` for binary,
+            ``(B, K)`` for categorical), needed in soft mode.
+
+    Returns:
+        ``{name: (B, dim)}`` targets in the layout :class:`~monai_cf.networks.nets.AttributeLoss` takes:
+        probabilities for discrete attributes, encoded values for continuous ones.
+    """
+    if mode not in ("hard", "soft"):
+        raise ValueError(f"Targets are defined for modes 'hard' and 'soft', got '{mode}'.")
+    targets = {}
+    for name in graph.image_parents:
+        unintervened = factual[name].float()
+        if mode == "soft" and graph[name].is_discrete:
+            if real_probabilities is None or name not in real_probabilities:
+                raise ValueError(f"Soft targets need the predictor's probabilities on real images for '{name}'.")
+            unintervened = real_probabilities[name].float().reshape(unintervened.shape)
+        mask = affected[name].reshape(-1, 1)
+        targets[name] = torch.where(mask, counterfactual[name].float(), unintervened)
+    return targets
+
+
+class DampedLagrangian(nn.Module):
+    """A damped Lagrange multiplier for ``min L_pred`` subject to ``nELBO <= epsilon``.
+
+    ``loss = L_pred - (lambda - damping * sg(epsilon - nELBO)) * (epsilon - nELBO)``, with ``lambda >= 0``
+    learned by gradient *ascent* (use an optimizer with ``maximize=True`` on :attr:`multiplier`, then call
+    :meth:`clamp_`). The damping term makes the saddle point stable: it adds a restoring force proportional
+    to the violation without waiting for the multiplier to grow.
+
+    Args:
+        epsilon: the nELBO the fine-tuned model must stay at or below (its value before fine-tuning).
+        damping: the damping coefficient.
+        initial: the multiplier's starting value.
+
+    Example::
+
+        lagrangian = DampedLagrangian(epsilon=pre_cft_nelbo, damping=10.0)
+        lagrange_opt = torch.optim.AdamW(lagrangian.parameters(), lr=0.1, maximize=True)
+        loss = lagrangian(predictor_loss, nelbo)
+        loss.backward(); optimizer.step(); lagrange_opt.step(); lagrangian.clamp_()
+    """
+
+    def __init__(self, epsilon: float, damping: float = 10.0, initial: float = 0.0) -> None:
+        super().__init__()
+        if damping < 0 or initial < 0:
+            raise ValueError(f"damping and initial must be >= 0, got {damping} and {initial}.")
+        self.register_buffer("epsilon", torch.tensor(float(epsilon)))
+        self.damping = float(damping)
+        self.multiplier = nn.Parameter(torch.tensor(float(initial)))
+
+    def forward(self, predictor_loss: torch.Tensor, nelbo: torch.Tensor) -> torch.Tensor:
+        slack = self.epsilon - nelbo
+        return predictor_loss - (self.multiplier - self.damping * slack.detach()) * slack
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Project the multiplier back onto ``lambda >= 0`` after its optimizer step."""
+        self.multiplier.clamp_(min=0.0)
