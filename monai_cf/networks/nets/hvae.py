@@ -936,10 +936,22 @@ class HVAE(nn.Module):
 
     # ------------------------------------------------------------------------------------------- public API
     def forward(
-        self, x: torch.Tensor, pa: torch.Tensor | None = None, beta: float | None = None, free_bits: float | None = None
+        self,
+        x: torch.Tensor,
+        pa: torch.Tensor | None = None,
+        beta: float | None = None,
+        free_bits: float | None = None,
+        pa_cf: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Same as :meth:`elbo` (so that DDP wrappers and engines can call the module directly)."""
-        return self.elbo(x, pa, beta=beta, free_bits=free_bits)
+        """:meth:`elbo`, plus ``"x_cf"`` (:meth:`counterfactual` with sampled latents) when ``pa_cf`` is given.
+
+        Engines call the module itself so that a ``DistributedDataParallel`` wrapper sees every pass whose
+        gradients it must synchronise (counterfactual fine-tuning needs both terms in one step).
+        """
+        terms = self.elbo(x, pa, beta=beta, free_bits=free_bits)
+        if pa_cf is not None:
+            terms["x_cf"] = self.counterfactual(x, pa, pa_cf)
+        return terms
 
     def elbo(
         self, x: torch.Tensor, pa: torch.Tensor | None = None, beta: float | None = None, free_bits: float | None = None

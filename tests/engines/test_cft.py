@@ -1,0 +1,126 @@
+# Copyright (c) monai_cf contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.data import DataLoader
+
+from monai_cf.data import SyntheticCXR
+from monai_cf.engines.cft import CounterfactualFineTuner, create_cft_trainer, measure_nelbo
+from monai_cf.networks import DeepSCM
+from monai_cf.networks.nets import AttributePredictor
+
+SIZE = 16
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def loader() -> DataLoader:
+    batch = SyntheticCXR(spatial_size=SIZE, seed=0).sample_batch(48)
+    items = [
+        {"image": torch.as_tensor(batch["image"][i]), **{k: batch[k][i] for k in ("sex", "race", "age", "disease")}}
+        for i in range(48)
+    ]
+    return DataLoader(items, batch_size=16, shuffle=False)
+
+
+def _models(seed: int = 0) -> tuple[DeepSCM, AttributePredictor]:
+    torch.manual_seed(seed)
+    scm = DeepSCM("mimic_cxr", image_model={"spatial_dims": 2, "in_channels": 1, "spatial_size": SIZE})
+    predictor = AttributePredictor(2, 1, scm.graph, channels=(8, 16))
+    return scm, predictor
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_fine_tuning_changes_only_the_hvae(loader, mode):
+    scm, predictor = _models()
+    before_hvae, before_mech, before_pred = _state(scm.image_model), _state(scm.mechanisms), _state(predictor)
+    epsilon = measure_nelbo(scm, loader)
+    assert epsilon > 0
+    tuner = create_cft_trainer(scm, predictor, loader, mode=mode, max_epochs=2, elbo_constraint=epsilon, stats=False)
+    multipliers = []
+    tuner.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: multipliers.append(float(e.state.output[0]["lagrange_multiplier"]))
+    )
+    tuner.run()
+    assert tuner.state.iteration == 6
+    assert all(m >= 0.0 for m in multipliers)
+    for name, value in _state(scm.mechanisms).items():
+        assert torch.equal(value, before_mech[name]), name
+    for name, value in _state(predictor).items():
+        assert torch.equal(value, before_pred[name]), name
+    assert any(not torch.equal(v, before_hvae[k]) for k, v in _state(scm.image_model).items())
+    output = tuner.state.output[0]
+    assert set(output) >= {"loss", "nelbo", "predictor_loss", "lagrange_multiplier", "cf_accuracy"}
+    assert 0.0 <= output["cf_accuracy"] <= 1.0
+
+
+def test_none_mode_makes_no_update(loader):
+    scm, predictor = _models()
+    before = _state(scm.image_model)
+    tuner = create_cft_trainer(scm, predictor, loader, mode="none", max_epochs=1, stats=False)
+    tuner.run()
+    for name, value in _state(scm.image_model).items():
+        assert torch.equal(value, before[name]), name
+    assert torch.isfinite(torch.tensor(tuner.state.output[0]["predictor_loss"]))
+
+
+def test_soft_and_hard_runs_differ_from_the_same_start(loader):
+    results = {}
+    for mode in ("soft", "hard"):
+        scm, predictor = _models()
+        tuner = create_cft_trainer(scm, predictor, loader, mode=mode, max_epochs=1, elbo_constraint=2.0, stats=False)
+        tuner.run()
+        results[mode] = _state(scm.image_model)
+    assert any(not torch.equal(results["soft"][k], results["hard"][k]) for k in results["soft"])
+
+
+def test_errors(loader):
+    scm, predictor = _models()
+    optimizer = torch.optim.AdamW(scm.image_model.parameters(), lr=1e-4)
+    with pytest.raises(ValueError, match="mode"):
+        CounterfactualFineTuner("cpu", 1, loader, scm, optimizer, predictor, mode="medium", elbo_constraint=1.0)
+    with pytest.raises(ValueError, match="elbo_constraint"):
+        CounterfactualFineTuner("cpu", 1, loader, scm, optimizer, predictor, mode="soft")
+    with pytest.raises(ValueError, match="DeepSCM"):
+        CounterfactualFineTuner("cpu", 1, loader, scm.image_model, optimizer, predictor, elbo_constraint=1.0)
+    everything = torch.optim.AdamW(list(scm.parameters()) + list(predictor.parameters()), lr=1e-4)
+    with pytest.raises(ValueError, match="HVAE only"):
+        CounterfactualFineTuner("cpu", 1, loader, scm, everything, predictor, elbo_constraint=1.0)
+
+
+def test_checkpoint_holds_the_multiplier(loader, tmp_path):
+    scm, predictor = _models()
+    tuner = create_cft_trainer(
+        scm, predictor, loader, mode="soft", max_epochs=1, elbo_constraint=2.0, output_dir=tmp_path, stats=False
+    )
+    tuner.run()
+    saved = sorted(tmp_path.glob("*.pt"))
+    assert saved
+    state = torch.load(saved[-1], map_location="cpu", weights_only=True)
+    assert {"lagrangian", "lagrange_optimizer", "network", "ema"} <= set(state)
+    copy.deepcopy(state["lagrangian"])
+    assert float(state["lagrangian"]["multiplier"]) >= 0.0
