@@ -925,7 +925,8 @@ def csv_dataset(
         EncodeAttributesd(graph, pa_key=pa_key, value_maps=value_maps),
         *(transforms or ()),
     ]
-    transform = Compose(pipeline)
+    # Flattened, so that CacheDataset caches every deterministic step (it stops at the first nested Compose).
+    transform = Compose(pipeline).flatten()
     if cache:
         return CacheDataset(datalist, transform, cache_rate=cache_rate, num_workers=cache_num_workers, progress=False)
     return Dataset(datalist, transform)

@@ -27,7 +27,7 @@ from monai_cf.engines.cft_targets import (
     cft_targets,
     sample_interventions,
 )
-from monai_cf.engines.hvae_trainer import HVAETrainer, _model_inputs, _resolve_image_model
+from monai_cf.engines.hvae_trainer import HVAETrainer, model_inputs, resolve_image_model
 from monai_cf.engines.utils import OutputSummary, guarded_optimizer_step, is_distributed, setup_training_handlers
 from monai_cf.networks.nets.mechanisms import counterfactual_all
 from monai_cf.networks.nets.predictor import AttributeLoss, AttributePredictor
@@ -115,7 +115,7 @@ class CounterfactualFineTuner(HVAETrainer):
     ) -> None:
         if mode not in CFT_MODES:
             raise ValueError(f"mode must be one of {CFT_MODES}, got '{mode}'.")
-        _, scm = _resolve_image_model(network)
+        _, scm = resolve_image_model(network)
         if scm is None:
             raise ValueError("Counterfactual fine-tuning needs a DeepSCM (graph and mechanisms), not a bare HVAE.")
         if mode != "none" and elbo_constraint is None:
@@ -156,7 +156,7 @@ class CounterfactualFineTuner(HVAETrainer):
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-        x, pa, image = _model_inputs(batch, engine.image_range, engine.scm)
+        x, pa, image = model_inputs(batch, engine.image_range, engine.scm)
         scm = engine.scm
         encoded = scm.encode_attributes(batch.attributes, image.shape[0], image.device)
         with torch.no_grad():
@@ -259,7 +259,7 @@ def measure_nelbo(
 
         epsilon = measure_nelbo(scm, train_loader, max_batches=20)
     """
-    image_model, scm = _resolve_image_model(network)
+    image_model, scm = resolve_image_model(network)
     device = torch.device(device) if device is not None else next(image_model.parameters()).device
     was_training = image_model.training
     image_model.eval()

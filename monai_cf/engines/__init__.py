@@ -1,0 +1,53 @@
+# Copyright (c) monai_cf contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Ignite engines of monai_cf: HVAE, attribute predictors and mechanisms (and the shared training pieces)."""
+
+from __future__ import annotations
+
+from .cft import CFT_OUTPUT_KEYS, CounterfactualFineTuner, create_cft_trainer, measure_nelbo
+from .cft_targets import (
+    CFT_MODES,
+    DampedLagrangian,
+    InterventionBatch,
+    affected_mask,
+    cft_targets,
+    sample_interventions,
+)
+from .hvae_trainer import HVAE_OUTPUT_KEYS, HVAEEvaluator, HVAETrainer, create_hvae_trainer
+from .part_trainers import (
+    AttributeMetrics,
+    AttributeTable,
+    MechanismLikelihood,
+    MechanismNLLLoss,
+    attribute_auc,
+    attribute_loader,
+    create_mechanism_trainer,
+    create_predictor_trainer,
+)
+from .utils import (
+    AttributePrepareBatch,
+    CounterfactualBatch,
+    CounterfactualPrepareBatch,
+    IterationSeeder,
+    LinearWarmup,
+    MeanMetric,
+    OutputSummary,
+    ResumableDistributedSampler,
+    SkipSeenBatches,
+    create_data_loader,
+    create_warmup_scheduler,
+    derive_seed,
+    fused_optimizer_kwargs,
+    guarded_optimizer_step,
+    is_distributed,
+    lower_is_better,
+    setup_training_handlers,
+)

@@ -1,0 +1,23 @@
+# Copyright (c) monai_cf contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Ignite handlers of monai_cf: EMA weights, atomic checkpoints and run tracking helpers."""
+
+from __future__ import annotations
+
+from .ema import EMA_WARMUPS, EMAHandler, ExponentialMovingAverage, unwrap_module
+from .tracking import (
+    BEST_CHECKPOINT,
+    CHECKPOINT_PREFIX,
+    AtomicCheckpointSaver,
+    check_tracking_uri,
+    checkpoint_iteration,
+    latest_checkpoint,
+)

@@ -1,0 +1,56 @@
+# Copyright (c) monai_cf contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).with_name("ddp_hvae_script.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_train_in_lockstep(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        str(SCRIPT),
+        str(tmp_path),
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    final = [torch.load(tmp_path / f"final_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert final[0]["iteration"] == final[1]["iteration"] == 8  # 2 epochs x 4 batches per rank
+    assert final[0]["samples_seen"] == final[1]["samples_seen"] == 16
+    for key, value in final[0]["network"].items():
+        assert torch.equal(value, final[1]["network"][key]), key
+    for key, value in final[0]["ema"].items():
+        assert torch.equal(value, final[1]["ema"][key]), key
+    assert final[0]["val_nelbo"] == final[1]["val_nelbo"]  # reduced over both shards
+    written = sorted(os.listdir(tmp_path / "rank0"))
+    assert "best.pt" in written and "checkpoint_final_iteration=8.pt" in written
+    assert not (tmp_path / "rank1").exists()
+    checkpoint = torch.load(tmp_path / "rank0" / "checkpoint_final_iteration=8.pt", weights_only=True)
+    assert all(torch.equal(v, final[0]["network"][k]) for k, v in checkpoint["network"].items())
