@@ -21,6 +21,7 @@ from .cft_targets import (
     cft_targets,
     sample_interventions,
 )
+from .evaluator import CounterfactualEvaluator, train_attribute_predictor
 from .hvae_trainer import HVAE_OUTPUT_KEYS, HVAEEvaluator, HVAETrainer, create_hvae_trainer
 from .part_trainers import (
     AttributeMetrics,

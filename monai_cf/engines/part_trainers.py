@@ -47,6 +47,7 @@ from monai_cf.engines.utils import (
 )
 from monai_cf.graph import AttributeKind, CausalGraph
 from monai_cf.handlers.ema import unwrap_module
+from monai_cf.metrics import roc_auc
 from monai_cf.networks.nets.mechanisms import log_prob_all
 from monai_cf.networks.nets.predictor import AttributeLoss, AttributePredictor
 from monai_cf.networks.scm import DeepSCM
@@ -84,16 +85,10 @@ def _wrap_ddp(module: nn.Module, device: torch.device, distributed: bool | None)
 
 
 # ------------------------------------------------------------------------------------------------- metrics
-def _binary_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    if labels.size == 0 or labels.min() == labels.max():
-        return math.nan
-    return float(roc_auc_score(labels, scores))
-
-
 def attribute_auc(kind: str, labels: torch.Tensor | np.ndarray, scores: torch.Tensor | np.ndarray) -> float:
     """ROC-AUC of one discrete attribute: binary, or the one-vs-rest macro average over the classes present.
+
+    A thin adapter of :func:`monai_cf.metrics.roc_auc` to the ``(kind, labels, scores)`` order used here.
 
     Args:
         kind: ``"binary"`` or ``"categorical"``.
@@ -103,13 +98,9 @@ def attribute_auc(kind: str, labels: torch.Tensor | np.ndarray, scores: torch.Te
     Returns:
         The AUC, ``nan`` when it is undefined (a single class present).
     """
-    labels = np.asarray(torch.as_tensor(labels).cpu()).reshape(-1).astype(np.int64)
-    scores = np.asarray(torch.as_tensor(scores).detach().cpu().to(torch.float64))
-    if kind == AttributeKind.BINARY:
-        return _binary_auc(labels, scores.reshape(-1))
-    per_class = [_binary_auc((labels == k).astype(np.int64), scores[:, k]) for k in range(scores.shape[1])]
-    defined = [a for a in per_class if not math.isnan(a)]
-    return float(np.mean(defined)) if defined else math.nan
+    scores = torch.as_tensor(scores).detach()
+    num_classes = 2 if kind == AttributeKind.BINARY else int(scores.shape[-1])
+    return roc_auc(scores, labels, num_classes)
 
 
 class AttributeMetrics(Metric):

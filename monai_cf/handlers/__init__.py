@@ -13,6 +13,16 @@
 from __future__ import annotations
 
 from .ema import EMA_WARMUPS, EMAHandler, ExponentialMovingAverage, unwrap_module
+from .report import (
+    CounterfactualReportWriter,
+    flatten_results,
+    format_report,
+    json_ready,
+    log_evaluation_to_mlflow,
+    save_evaluation_figures,
+    write_evaluation_outputs,
+    write_metrics_json,
+)
 from .tracking import (
     BEST_CHECKPOINT,
     CHECKPOINT_PREFIX,

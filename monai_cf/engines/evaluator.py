@@ -1,0 +1,907 @@
+# Copyright (c) monai_cf contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The counterfactual evaluator: every metric of the Soft-CFT paper over a test set, in one Ignite run.
+
+:class:`CounterfactualEvaluator` is a MONAI :class:`~monai.engines.Evaluator`. Each iteration takes one test
+batch, draws one force-change intervention per image parent and sample (the same draws for every
+counterfactual type), generates the counterfactuals of every type in batched calls and accumulates what the
+metrics need; when the epoch completes it computes effectiveness and amplification (Table 1), the log-odds
+shift, composition, reversibility, ground-truth error on the phantom, embedding shift (Fig. 2), FID and,
+optionally, the utility of counterfactuals as training data (Table 2). The results land in
+``evaluator.results`` (nested, JSON-ready) and ``evaluator.state.metrics`` (flat scalars for MONAI handlers);
+with ``output_dir`` a :class:`~monai_cf.handlers.report.CounterfactualReportWriter` writes ``metrics.json``,
+``report.md`` and the figures, and logs them to MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Events
+from monai.engines import Evaluator
+from monai.networks.utils import eval_mode
+from torch import nn
+
+from monai_cf.data.encoding import AttributeEncoder
+from monai_cf.graph import AttributeKind, CausalGraph
+from monai_cf.handlers.report import CounterfactualReportWriter, flatten_results
+from monai_cf.metrics import (
+    EmbeddingPCA,
+    amplification,
+    attribute_performance,
+    composition_distances,
+    draw_intervention_values,
+    frechet_distance,
+    image_similarity,
+    logit_shift,
+    reversibility_distances,
+    separating_mode,
+    subgroup_shift,
+)
+from monai_cf.networks.nets.predictor import AttributeLoss, AttributePredictor
+from monai_cf.networks.scm import DeepSCM
+
+__all__ = ["CounterfactualEvaluator", "train_attribute_predictor"]
+
+logger = logging.getLogger("monai_cf.engines")
+
+_PREDICT_CHUNK = 256
+_FIGURE_MODES = 10  # the embedding figures show the most separating of this many leading PCA modes
+
+
+def train_attribute_predictor(
+    images: torch.Tensor,
+    attributes: Mapping[str, torch.Tensor],
+    graph: CausalGraph | Mapping | str,
+    epochs: int = 5,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    channels: Sequence[int] = (16, 32, 64, 128),
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Train a small :class:`~monai_cf.networks.AttributePredictor` (``"small_cnn"``) with Adam: a simple default.
+
+    Used by :class:`CounterfactualEvaluator` for the utility stage (predictors trained on counterfactuals
+    only) when no ``train_predictor_fn`` is given; it also gives a quick evaluation predictor on the phantom.
+    Losses: BCE / cross-entropy for discrete attributes, MSE on the ``[-1, 1]`` encoding for continuous ones.
+
+    Args:
+        images: ``(N, C, *spatial)`` images in ``[0, 1]``.
+        attributes: canonical values ``{name: (N,)}`` of the attributes to predict (those of the graph present).
+        graph: the causal graph.
+        epochs: passes over the data.
+        batch_size: mini-batch size.
+        lr: Adam learning rate (cosine-annealed to zero).
+        channels: widths of the small CNN's stages.
+        seed: seeds the initialisation and the shuffling.
+        device: where to train (default: the images' device).
+
+    Returns:
+        The trained predictor, in eval mode.
+
+    Example::
+
+        predictor = train_attribute_predictor(torch.from_numpy(batch["image"]), batch, "mimic_cxr", epochs=5)
+    """
+    graph = CausalGraph.build(graph)
+    names = [n for n in graph.image_parents if n in attributes] or [n for n in graph.attributes if n in attributes]
+    if not names:
+        raise ValueError(f"No attribute of the graph among {sorted(attributes)}.")
+    device = torch.device(device) if device is not None else images.device
+    encoder = AttributeEncoder(graph)
+    targets = {}
+    for name in names:
+        values = torch.as_tensor(attributes[name]).reshape(-1).cpu()
+        if graph[name].kind == AttributeKind.CATEGORICAL:
+            targets[name] = values.long()
+        else:
+            targets[name] = encoder.encode_attribute(name, values)[:, 0]
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        predictor = AttributePredictor(images.ndim - 2, images.shape[1], graph, attributes=names, channels=channels)
+    predictor = predictor.to(device).train()
+    loss_fn = AttributeLoss(graph, attributes=names)
+    optimizer = torch.optim.Adam(predictor.parameters(), lr=lr)
+    count = images.shape[0]
+    steps = max(1, epochs * math.ceil(count / batch_size))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    for _ in range(epochs):
+        order = torch.randperm(count, generator=generator)
+        for start in range(0, count, batch_size):
+            index = order[start : start + batch_size]
+            if index.numel() < 2:
+                continue  # batch norm needs two samples
+            batch_x = images[index.to(images.device)].to(device).float()
+            loss = loss_fn(predictor(batch_x), {n: t[index].to(device) for n, t in targets.items()})
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return predictor.eval()
+
+
+class _CounterfactualRunner:
+    """Calls a counterfactual function (or a DeepSCM) with the evaluator's generator, batched where it can."""
+
+    def __init__(self, fn: Any, generator: torch.Generator | None) -> None:
+        self.fn = fn
+        self.generator = generator
+        self.is_scm = isinstance(fn, DeepSCM)
+        if not self.is_scm and not callable(fn):
+            raise ValueError(f"A counterfactual function must be callable or a DeepSCM, got {type(fn).__name__}.")
+        self.modules = [fn] if isinstance(fn, nn.Module) else []
+
+    def __call__(self, x: torch.Tensor, pa: Mapping[str, torch.Tensor], do: Mapping[str, Any]) -> tuple:
+        if self.is_scm:
+            x_cf, pa_cf = self.fn.counterfactual(x, pa, dict(do), generator=self.generator)
+        else:
+            x_cf, pa_cf = self.fn(x, pa, dict(do))
+        return self._tidy(x, pa, do, x_cf, pa_cf)
+
+    def many(self, x: torch.Tensor, pa: Mapping[str, torch.Tensor], dos: Sequence[Mapping[str, Any]]) -> list:
+        if self.is_scm:
+            # one abduction of the image for every intervention, decoded in one stacked pass
+            x_cfs, pa_cfs = self.fn.counterfactual(x, pa, [dict(d) for d in dos], generator=self.generator)
+            return [self._tidy(x, pa, d, xc, pc) for d, xc, pc in zip(dos, x_cfs, pa_cfs)]
+        return [self(x, pa, d) for d in dos]
+
+    @staticmethod
+    def _tidy(x, pa, do, x_cf, pa_cf) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x_cf = torch.as_tensor(x_cf).to(device=x.device, dtype=x.dtype)
+        if x_cf.shape != x.shape:
+            raise ValueError(f"A counterfactual function returned images of shape {tuple(x_cf.shape)} for {x.shape}.")
+        result = {n: v for n, v in pa.items()}
+        result.update({n: torch.as_tensor(v).reshape(-1) for n, v in do.items()})
+        if pa_cf is not None:
+            result.update({n: torch.as_tensor(v).reshape(-1) for n, v in pa_cf.items() if n in pa})
+        return x_cf, {n: v.to(pa[n].device, pa[n].dtype) for n, v in result.items()}
+
+
+class _TensorBatches:
+    """Batches of a dictionary of arrays (images, attributes, optional ``noise``), as a re-iterable sized loader."""
+
+    def __init__(self, data: Mapping[str, Any], batch_size: int, image_key: str) -> None:
+        if image_key not in data:
+            raise ValueError(f"The test data has no '{image_key}' entry; keys: {sorted(data)}.")
+        self.data = data
+        self.batch_size = int(batch_size)
+        self.size = len(data[image_key])
+        for key, value in data.items():
+            if key == "noise":
+                lengths = {len(np.asarray(v).reshape(-1)) for k, v in value.items() if k != "patient_id"}
+                if lengths and lengths != {self.size}:
+                    raise ValueError(f"The test data's noise arrays have lengths {lengths}, the images {self.size}.")
+            elif hasattr(value, "__len__") and len(value) != self.size:
+                raise ValueError(f"Test data entry '{key}' has {len(value)} rows, '{image_key}' has {self.size}.")
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for start in range(0, self.size, self.batch_size):
+            stop = min(start + self.batch_size, self.size)
+            batch: dict[str, Any] = {}
+            for key, value in self.data.items():
+                if key == "noise":
+                    batch[key] = {k: np.asarray(v)[start:stop] for k, v in value.items()}
+                else:
+                    batch[key] = torch.as_tensor(
+                        np.asarray(value[start:stop]) if not torch.is_tensor(value) else value[start:stop]
+                    )
+            batch["_row"] = np.arange(start, stop)
+            yield batch
+
+
+class _Accumulator:
+    """Per-iteration results, kept on the CPU until the epoch completes."""
+
+    def __init__(self) -> None:
+        self.real_outputs: dict[str, list[torch.Tensor]] = {}
+        self.labels: dict[str, list[torch.Tensor]] = {}
+        self.real_features: list[torch.Tensor] = []
+        self.cf_outputs: dict[str, dict[str, dict[str, list[torch.Tensor]]]] = {}
+        self.cf_labels: dict[str, dict[str, dict[str, list[torch.Tensor]]]] = {}
+        self.cf_features: dict[str, dict[str, list[torch.Tensor]]] = {}
+        self.ground_truth: dict[str, dict[str, dict[str, list[torch.Tensor]]]] = {}
+        self.descendants: dict[str, dict[str, dict[str, list[torch.Tensor]]]] = {}
+        self.composition: dict[str, dict[int, list[torch.Tensor]]] = {}
+        self.reversibility: dict[str, dict[str, list[torch.Tensor]]] = {}
+        self.feature_rows = 0
+        self.count = 0
+
+
+def _append(store: dict, keys: Sequence[str], value: torch.Tensor) -> None:
+    for key in keys[:-1]:
+        store = store.setdefault(key, {})
+    store.setdefault(keys[-1], []).append(value.detach().cpu())
+
+
+def _cat(values: Mapping[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat(v) for k, v in values.items()}
+
+
+def _mean(values: Sequence[torch.Tensor]) -> float:
+    return float(torch.cat(list(values)).double().mean()) if values else float("nan")
+
+
+def _finite_mean(values: Iterable[float]) -> float:
+    kept = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(kept)) if kept else float("nan")
+
+
+class CounterfactualEvaluator(Evaluator):
+    """Evaluate counterfactual functions of one or more CF types on a test set with an evaluation predictor.
+
+    A *counterfactual function* is ``cf_fn(x, pa, do) -> (x_cf, pa_cf)`` with the calling convention of
+    :meth:`monai_cf.networks.DeepSCM.counterfactual` (images in ``[0, 1]``, canonical attributes, ``do`` a dict
+    ``{attribute: (B,) values}``); a :class:`~monai_cf.networks.DeepSCM` may be given directly (then all
+    interventions of a batch share one abduction and one stacked decode, and its discrete descendants draw
+    their posterior noise from the evaluator's seeded generator).
+
+    Interventions force a change: binary attributes flip, categorical ones move uniformly to another class,
+    continuous ones take a value of the test marginal (``intervention_pool``) more than ``min_gap`` of the
+    range away. One draw per sample and image parent is shared by every CF type. Descendants are whatever
+    the counterfactual function returns (``do(age)`` changes disease).
+
+    Results (``evaluator.results``, fractions for AUCs, original units for MAEs):
+
+    - ``baseline``: the predictor on real images; ``effectiveness[k][cf_type]``: on counterfactuals under
+      ``do(k)`` with the counterfactual labels;
+    - ``amplification[cf_type]``: mean ``AUC_cf - AUC_real`` over interventions ``k`` and discrete attributes of
+      ``graph.soft_target_set([k])`` (terms in ``amplification_detail``); ``logit_shift[cf_type]``: the mean
+      paired change of ``|log-odds|`` of those attributes (``logit_shift_detail``);
+    - ``composition[cf_type]``: L1 (0-255) after 1 and 10 null interventions; ``reversibility[k][cf_type]``;
+    - ``ground_truth[k][cf_type]``: L1, PSNR, SSIM against the phantom's true counterfactual, and the
+      agreement of recomputed descendants with the true ones (phantom data only);
+    - ``embedding_shift``: W1 distances between real and counterfactual predictor embeddings along the
+      leading whitened PCA modes, per intervention, CF type, unintervened attribute and subgroup;
+    - ``realism``: FID on predictor features; ``utility`` (only with ``utility_data``): Table 2;
+    - ``timing``: total and per-stage seconds.
+
+    Args:
+        graph: the causal graph.
+        data: the test data: a ``DataLoader`` (or any re-iterable) of dict batches with the image, every
+            attribute's canonical ``(B,)`` values and, for ground truth, a ``noise`` dict or a ``row_key``; or a
+            dict of arrays (``image`` ``(N, C, *spatial)``, attributes ``(N,)``, optional ``noise``), such as
+            :meth:`SyntheticCXR.sample_batch` returns.
+        predictor: the *evaluation* predictor: ``forward(x) -> {name: logits or (mean, log std)}`` and
+            ``features(x)`` (an :class:`~monai_cf.networks.AttributePredictor`).
+        counterfactual_fns: ``{cf type: cf_fn or DeepSCM}``, e.g. ``{"none": scm0, "hard": scm1, "soft": scm2}``.
+        device: where to compute (default: the predictor's device).
+        intervened: the attributes intervened on (default: the image parents).
+        batch_size: batch size when ``data`` is a dict of arrays.
+        phantom: a :class:`~monai_cf.data.SyntheticCXR` for ground-truth counterfactuals.
+        phantom_noise: the test split's noise (:meth:`SyntheticCXR.read_noise`), looked up by ``row_key``.
+        row_key: batch key of a sample's row in ``phantom_noise``; ``row_base`` is the first row's number
+            (the CSV loader counts from 1).
+        row_base: see ``row_key``.
+        composition_cycles: numbers of null interventions for composition.
+        reversibility: compute reversibility (one more counterfactual call per intervention).
+        min_gap: smallest change of a continuous intervention, as a fraction of the range.
+        intervention_pool: ``{attribute: values}`` continuous interventions draw from (default: the test
+            data's values when known, else each batch's).
+        num_modes: leading PCA modes of the embedding shift.
+        max_feature_samples: embeddings (PCA, FID) use the first this many test samples (``None``: all).
+        num_examples: patients shown in the counterfactual grids.
+        utility_data: training data (same formats as ``data``) for the utility stage; ``None`` skips it.
+        train_predictor_fn: ``(images, attributes) -> predictor`` for the utility stage (default:
+            :func:`train_attribute_predictor`).
+        output_dir: where a :class:`~monai_cf.handlers.report.CounterfactualReportWriter` writes the report.
+        tracking_uri: MLflow tracking URI (``sqlite:///...``) for the report writer.
+        run_id: MLflow run to log the report artifacts to (default: the active run, if any).
+        seed: seeds the intervention draws, the DeepSCM generator and torch's global RNG during the run.
+        val_handlers: further Ignite/MONAI handlers.
+        image_key: the image's key (default: the graph's).
+
+    Example::
+
+        evaluator = CounterfactualEvaluator(
+            graph, phantom.sample_batch(500), predictor, {"none": scm_none, "hard": scm_hard, "soft": scm_soft},
+            phantom=phantom, output_dir="eval",
+        )
+        evaluator.run()
+        evaluator.results["amplification"]  # {"none": ..., "hard": 0.03, "soft": 0.004}
+    """
+
+    def __init__(
+        self,
+        graph: CausalGraph | Mapping | str,
+        data: Iterable | Mapping[str, Any],
+        predictor: nn.Module,
+        counterfactual_fns: Mapping[str, Any],
+        device: torch.device | str | None = None,
+        intervened: Sequence[str] | None = None,
+        batch_size: int = 64,
+        phantom: Any = None,
+        phantom_noise: Mapping[str, Any] | None = None,
+        row_key: str = "row",
+        row_base: int = 1,
+        composition_cycles: Sequence[int] = (1, 10),
+        reversibility: bool = True,
+        min_gap: float = 0.1,
+        intervention_pool: Mapping[str, Sequence[float]] | None = None,
+        num_modes: int = 3,
+        max_feature_samples: int | None = 2000,
+        num_examples: int = 4,
+        utility_data: Iterable | Mapping[str, Any] | None = None,
+        train_predictor_fn: Callable[[torch.Tensor, Mapping[str, torch.Tensor]], nn.Module] | None = None,
+        output_dir: str | None = None,
+        tracking_uri: str | None = None,
+        run_id: str | None = None,
+        seed: int = 0,
+        val_handlers: Sequence | None = None,
+        image_key: str | None = None,
+    ) -> None:
+        self.graph = CausalGraph.build(graph)
+        self.image_key = image_key or self.graph.image_key
+        if not counterfactual_fns:
+            raise ValueError("counterfactual_fns is empty; give at least one {cf type: cf_fn}.")
+        for cf_type, fn in counterfactual_fns.items():
+            if not callable(fn) and not hasattr(fn, "counterfactual"):
+                raise ValueError(f"counterfactual_fns['{cf_type}'] is a {type(fn).__name__}, not callable.")
+        self.intervened = self.graph.check_names(
+            list(intervened) if intervened is not None else self.graph.image_parents
+        )
+        if not self.intervened:
+            raise ValueError("No attribute to intervene on.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        if not 0.0 <= min_gap < 0.5:
+            raise ValueError(f"min_gap must be a fraction of the range in [0, 0.5), got {min_gap}.")
+        if phantom_noise is not None and phantom is None:
+            raise ValueError("phantom_noise was given without the phantom that renders the true counterfactuals.")
+        self.batch_size = int(batch_size)
+        loader = _TensorBatches(data, batch_size, self.image_key) if isinstance(data, Mapping) else data
+        if device is None:
+            params = list(predictor.parameters())
+            device = params[0].device if params else torch.device("cpu")
+        super().__init__(device=device, val_data_loader=loader, decollate=False, val_handlers=val_handlers)
+        self.predictor = predictor
+        self.seed = int(seed)
+        self.counterfactual_fns = dict(counterfactual_fns)
+        self.phantom = phantom
+        self.phantom_noise = None if phantom_noise is None else {k: np.asarray(v) for k, v in phantom_noise.items()}
+        self.row_key, self.row_base = row_key, int(row_base)
+        self.composition_cycles = sorted({int(m) for m in composition_cycles})
+        self.compute_reversibility = bool(reversibility)
+        self.min_gap = float(min_gap)
+        self.intervention_pool = self._default_pool(data, intervention_pool)
+        self.num_modes = int(num_modes)
+        self.max_feature_samples = max_feature_samples
+        self.num_examples = int(num_examples)
+        self.utility_data = utility_data
+        self.train_predictor_fn = train_predictor_fn or functools.partial(
+            train_attribute_predictor, graph=self.graph, seed=self.seed
+        )
+        self.results: dict[str, Any] = {}
+        self.figure_data: dict[str, Any] = {}
+        self._stage_seconds: dict[str, float] = {}
+        self._started = 0.0
+        self._acc = _Accumulator()
+        self._examples: dict[str, Any] = {}
+        self._rng = np.random.default_rng(self.seed)
+        self._runners: dict[str, _CounterfactualRunner] = {}
+        self._renderers: dict[int, Any] = {}
+        self.add_event_handler(Events.STARTED, self._reset)
+        self.add_event_handler(Events.EPOCH_COMPLETED, self._finalize)
+        if output_dir is not None:
+            CounterfactualReportWriter(output_dir, tracking_uri=tracking_uri, run_id=run_id).attach(self)
+
+    # ------------------------------------------------------------------------------------------ running
+    def run(self, global_epoch: int = 1) -> None:  # type: ignore[override]
+        """Run the evaluation; torch's global RNG is seeded for the run and restored afterwards."""
+        devices = [self.state.device] if self.state.device is not None and self.state.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            super().run(global_epoch)
+
+    def _reset(self, engine: Any = None) -> None:
+        self._acc = _Accumulator()
+        self._examples = {}
+        self._stage_seconds = {}
+        self._rng = np.random.default_rng(self.seed)
+        device = self.state.device or torch.device("cpu")
+        generator = torch.Generator(device=device).manual_seed(self.seed)
+        self._runners = {name: _CounterfactualRunner(fn, generator) for name, fn in self.counterfactual_fns.items()}
+        self._started = time.perf_counter()
+
+    @contextlib.contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.state.device is not None and self.state.device.type == "cuda":
+                torch.cuda.synchronize(self.state.device)
+            self._stage_seconds[name] = self._stage_seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def _modules(self) -> list[nn.Module]:
+        modules = [self.predictor]
+        for runner in self._runners.values():
+            modules += runner.modules
+        return modules
+
+    def _iteration(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
+        with self._stage("load"):
+            x, pa, noise = self._parse_batch(batchdata)
+        with eval_mode(*self._modules()):
+            self._evaluate_batch(x, pa, noise)
+        return {"batch_size": int(x.shape[0])}
+
+    # ------------------------------------------------------------------------------------------ one batch
+    def _evaluate_batch(self, x: torch.Tensor, pa: dict[str, torch.Tensor], noise: dict | None) -> None:
+        acc = self._acc
+        size = x.shape[0]
+        first_batch = acc.count == 0
+        keep = (
+            size if self.max_feature_samples is None else max(0, min(size, self.max_feature_samples - acc.feature_rows))
+        )
+        with self._stage("predict_real"):
+            features, outputs = self._predict(x)
+        for name in self.graph.attributes:
+            _append(acc.labels, [name], pa[name])
+            if name in outputs:
+                _append(acc.real_outputs, [name], outputs[name])
+        if keep:
+            acc.real_features.append(features[:keep].detach().cpu())
+
+        with self._stage("draw_interventions"):
+            dos = {}
+            for k in self.intervened:
+                pool = self.intervention_pool.get(k)
+                if pool is None:
+                    pool = pa[k].cpu().numpy()
+                values = draw_intervention_values(self.graph, k, pa[k].cpu().numpy(), self._rng, pool, self.min_gap)
+                dos[k] = torch.as_tensor(values).to(device=x.device, dtype=pa[k].dtype)
+
+        truth: dict[str, tuple[torch.Tensor, dict[str, np.ndarray]]] = {}
+        if noise is not None:
+            with self._stage("ground_truth"):
+                renderer = self._renderer(x)
+                factual = {n: pa[n].cpu().numpy() for n in self.graph.attributes}
+                factual["noise"] = noise
+                for k in self.intervened:
+                    cf = renderer.counterfactual_batch(factual, {k: dos[k].cpu().numpy()})
+                    image = torch.from_numpy(cf[self.image_key]).to(device=x.device, dtype=x.dtype)
+                    truth[k] = (image, {n: np.asarray(cf[n]) for n in self.graph.attributes})
+
+        for cf_type, runner in self._runners.items():
+            with self._stage("counterfactuals"):
+                forward = runner.many(x, pa, [{k: dos[k]} for k in self.intervened])
+            with self._stage("predict_counterfactuals"):
+                cf_features, cf_outputs = self._predict(torch.cat([xc for xc, _ in forward]))
+            for index, (k, (x_cf, pa_cf)) in enumerate(zip(self.intervened, forward)):
+                rows = slice(index * size, (index + 1) * size)
+                for name in self.graph.attributes:
+                    _append(acc.cf_labels, [cf_type, k, name], pa_cf[name])
+                    if name in cf_outputs:
+                        _append(acc.cf_outputs, [cf_type, k, name], cf_outputs[name][rows])
+                if keep:
+                    _append(acc.cf_features, [cf_type, k], cf_features[rows][:keep])
+                if k in truth:
+                    with self._stage("ground_truth"):
+                        true_image, true_attributes = truth[k]
+                        for metric, values in image_similarity(x_cf, true_image).items():
+                            _append(acc.ground_truth, [k, cf_type, metric], values)
+                        for d in sorted(self.graph.descendants([k])):
+                            true_d = torch.as_tensor(true_attributes[d])
+                            model_d = pa_cf[d].detach().cpu()
+                            if self.graph[d].is_discrete:
+                                agreement = (model_d.long() == true_d.long()).double()
+                            else:
+                                agreement = (model_d.double() - true_d.double()).abs()
+                            _append(acc.descendants, [k, cf_type, d], agreement)
+            if self.composition_cycles:
+                with self._stage("composition"):
+                    for m, distance in composition_distances(runner, x, pa, self.composition_cycles).items():
+                        _append(acc.composition, [cf_type, str(m)], distance)
+            if self.compute_reversibility:
+                with self._stage("reversibility"):
+                    for k, result in zip(self.intervened, forward):
+                        distance = reversibility_distances(runner, x, pa, {k: dos[k]}, forward=result)
+                        _append(acc.reversibility, [k, cf_type], distance)
+            if first_batch and self.num_examples > 0:
+                n = min(self.num_examples, size)
+                self._examples.setdefault("counterfactuals", {})[cf_type] = {
+                    k: xc[:n].detach().cpu() for k, (xc, _) in zip(self.intervened, forward)
+                }
+                self._examples.setdefault("labels", {})[cf_type] = {
+                    k: {name: v[:n].detach().cpu() for name, v in pc.items()}
+                    for k, (_, pc) in zip(self.intervened, forward)
+                }
+        if first_batch and self.num_examples > 0:
+            n = min(self.num_examples, size)
+            self._examples["images"] = x[:n].detach().cpu()
+            self._examples["factual"] = {name: v[:n].detach().cpu() for name, v in pa.items()}
+            self._examples["truth"] = {k: t[0][:n].detach().cpu() for k, t in truth.items()}
+        acc.feature_rows += keep
+        acc.count += size
+
+    def _predict(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        features, outputs = [], []
+        for start in range(0, x.shape[0], _PREDICT_CHUNK):
+            chunk = x[start : start + _PREDICT_CHUNK]
+            feat = self.predictor.features(chunk)
+            if hasattr(self.predictor, "heads_from_features"):
+                out = self.predictor.heads_from_features(feat)
+            else:
+                out = self.predictor(chunk)
+            features.append(feat.detach())
+            outputs.append({k: v.detach() for k, v in out.items()})
+        merged = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
+        return torch.cat(features), merged
+
+    def _renderer(self, x: torch.Tensor) -> Any:
+        if self.phantom is None:
+            raise ValueError("Batches carry phantom noise but no phantom was given to render true counterfactuals.")
+        size = int(x.shape[-1])
+        if size == self.phantom.spatial_size:
+            return self.phantom
+        if size not in self._renderers:
+            # rendering is a pure function of attributes and noise, so a phantom of any seed renders at this size
+            self._renderers[size] = type(self.phantom)(spatial_size=size, seed=self.phantom.seed)
+        return self._renderers[size]
+
+    def _parse_batch(
+        self, batch: Mapping[str, Any], with_noise: bool = True
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict | None]:
+        if not isinstance(batch, Mapping):
+            raise ValueError(f"Test batches must be dictionaries, got {type(batch).__name__}.")
+        if self.image_key not in batch:
+            raise ValueError(f"A test batch has no '{self.image_key}' entry; keys: {sorted(batch)}.")
+        x = batch[self.image_key]
+        x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+        x = x.to(self.state.device).float()
+        pa = {}
+        for name in self.graph.attributes:
+            if name not in batch:
+                raise ValueError(f"A test batch lacks attribute '{name}'; keys: {sorted(batch)}.")
+            value = batch[name]
+            value = value.as_tensor() if hasattr(value, "as_tensor") else torch.as_tensor(np.asarray(value))
+            dtype = torch.long if self.graph[name].is_discrete else torch.float32
+            pa[name] = value.reshape(-1).to(device=self.state.device, dtype=dtype)
+            if pa[name].numel() != x.shape[0]:
+                raise ValueError(f"Attribute '{name}' has {pa[name].numel()} values for {x.shape[0]} images.")
+        noise = None
+        if not with_noise:
+            pass
+        elif "noise" in batch and isinstance(batch["noise"], Mapping) and self.phantom is not None:
+            noise = {k: _numpy(v) for k, v in batch["noise"].items() if k != "patient_id"}
+        elif self.phantom_noise is not None:
+            if self.row_key not in batch:
+                raise ValueError(f"phantom_noise is given but a test batch has no '{self.row_key}' to look it up by.")
+            rows = _numpy(batch[self.row_key]).astype(np.int64).reshape(-1) - self.row_base
+            size = len(self.phantom_noise["u_sex"])
+            if rows.min() < 0 or rows.max() >= size:
+                raise ValueError(f"Rows {rows.tolist()[:5]}... fall outside the {size} rows of phantom_noise.")
+            noise = {k: v[rows] for k, v in self.phantom_noise.items() if k != "patient_id"}
+        return x, pa, noise
+
+    def _default_pool(self, data: Any, pool: Mapping[str, Sequence[float]] | None) -> dict[str, np.ndarray]:
+        result = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in (pool or {}).items()}
+        continuous = [k for k in self.intervened if not self.graph[k].is_discrete and k not in result]
+        records = getattr(getattr(data, "dataset", None), "data", None)
+        for k in continuous:
+            if isinstance(data, Mapping) and k in data:
+                result[k] = _numpy(data[k]).astype(np.float64).reshape(-1)
+            elif isinstance(records, Sequence) and records and isinstance(records[0], Mapping) and k in records[0]:
+                result[k] = np.asarray([float(r[k]) for r in records])
+        return result
+
+    # ------------------------------------------------------------------------------------------ the metrics
+    def _finalize(self, engine: Any = None) -> None:
+        acc = self._acc
+        if acc.count == 0:
+            raise ValueError("The test data gave no batch to evaluate.")
+        labels = _cat(acc.labels)
+        real_outputs = _cat(acc.real_outputs)
+        cf_types = list(self.counterfactual_fns)
+        with self._stage("effectiveness"):
+            baseline = attribute_performance(self.graph, real_outputs, labels)
+            effectiveness: dict[str, dict[str, dict[str, float]]] = {}
+            logit_detail: dict[str, dict[str, dict[str, float]]] = {}
+            signed_detail: dict[str, dict[str, dict[str, float]]] = {}
+            for k in self.intervened:
+                effectiveness[k], logit_detail[k], signed_detail[k] = {}, {}, {}
+                for cf_type in cf_types:
+                    cf_outputs = _cat(acc.cf_outputs[cf_type][k])
+                    cf_labels = _cat(acc.cf_labels[cf_type][k])
+                    effectiveness[k][cf_type] = attribute_performance(self.graph, cf_outputs, cf_labels)
+                    logit_detail[k][cf_type] = logit_shift(self.graph, k, real_outputs, cf_outputs, labels)
+                    signed_detail[k][cf_type] = logit_shift(self.graph, k, real_outputs, cf_outputs, labels, True)
+            amp, amp_detail = amplification(self.graph, baseline, effectiveness)
+            logit_summary, signed_summary = (
+                {
+                    cf_type: _finite_mean(v for k in self.intervened for v in detail[k][cf_type].values())
+                    for cf_type in cf_types
+                }
+                for detail in (logit_detail, signed_detail)
+            )
+        results: dict[str, Any] = {
+            "config": {
+                "num_samples": acc.count,
+                "cf_types": cf_types,
+                "interventions": list(self.intervened),
+                "attributes": list(self.graph.attributes),
+                "image_parents": list(self.graph.image_parents),
+                "attribute_kinds": {n: self.graph[n].kind for n in self.graph.attributes},
+                "seed": self.seed,
+                "min_gap": self.min_gap,
+                "composition_cycles": self.composition_cycles,
+            },
+            "baseline": baseline,
+            "effectiveness": effectiveness,
+            "amplification": amp,
+            "amplification_detail": amp_detail,
+            "logit_shift": logit_summary,
+            "logit_shift_detail": logit_detail,
+            "label_logit_shift": signed_summary,
+            "label_logit_shift_detail": signed_detail,
+            "composition": {
+                cf_type: {m: _mean(v) for m, v in acc.composition.get(cf_type, {}).items()} for cf_type in cf_types
+            },
+            "reversibility": {
+                k: {cf_type: _mean(v) for cf_type, v in by_type.items()} for k, by_type in acc.reversibility.items()
+            },
+            "ground_truth": self._ground_truth_results(),
+        }
+        with self._stage("embedding_shift"):
+            results["embedding_shift"] = self._embedding_results(labels)
+        with self._stage("realism"):
+            results["realism"] = self._realism_results()
+        if self.utility_data is not None:
+            with self._stage("utility"):
+                results["utility"] = self._utility_results()
+        else:
+            results["utility"] = None
+        self.figure_data["examples"] = self._example_data()
+        results["timing"] = {
+            "total_s": time.perf_counter() - self._started,
+            "stages": dict(self._stage_seconds),
+            "images_per_s": None,
+        }
+        generated = acc.count * len(self.intervened) * len(cf_types)
+        if self._stage_seconds.get("counterfactuals"):
+            results["timing"]["images_per_s"] = generated / self._stage_seconds["counterfactuals"]
+        self.results = results
+        self.state.metrics.update(flatten_results(results))
+        logger.info(
+            "Counterfactual evaluation of %d samples: amplification %s",
+            acc.count,
+            {k: round(v, 4) for k, v in amp.items()},
+        )
+
+    def _ground_truth_results(self) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for k, by_type in self._acc.ground_truth.items():
+            result[k] = {}
+            for cf_type, metrics in by_type.items():
+                entry: dict[str, Any] = {m: _mean(v) for m, v in metrics.items()}
+                descendants = self._acc.descendants.get(k, {}).get(cf_type, {})
+                if descendants:
+                    entry["descendants"] = {d: _mean(v) for d, v in descendants.items()}
+                result[k][cf_type] = entry
+        return result
+
+    def _embedding_results(self, labels: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        acc = self._acc
+        if not acc.real_features:
+            return {}
+        real_features = torch.cat(acc.real_features)
+        n = real_features.shape[0]
+        if n < 3:
+            return {}
+        # the metric uses the leading num_modes; the figures may show a later mode that separates an attribute
+        pca = EmbeddingPCA(max(self.num_modes, _FIGURE_MODES), seed=self.seed).fit(real_features)
+        real_all = pca.transform(real_features)
+        real = real_all[:, : self.num_modes]
+        cf_types = list(self.counterfactual_fns)
+        projections_all = {
+            cf_type: {k: pca.transform(torch.cat(acc.cf_features[cf_type][k])) for k in self.intervened}
+            for cf_type in cf_types
+        }
+        projections = {c: {k: v[:, : self.num_modes] for k, v in by_do.items()} for c, by_do in projections_all.items()}
+        shifts: dict[str, Any] = {}
+        collected: dict[str, list[float]] = {cf_type: [] for cf_type in cf_types}
+        cf_groups: dict[str, dict[str, dict[str, np.ndarray]]] = {}  # attribute -> cf type -> k -> subgroups
+        for k in self.intervened:
+            shifts[k] = {}
+            targets = [j for j in self.graph.image_parents if j in self.graph.soft_target_set([k])]
+            targets = [j for j in targets if self.graph[j].is_discrete]
+            for cf_type in cf_types:
+                shifts[k][cf_type] = {}
+                cf_labels = _cat(acc.cf_labels[cf_type][k])
+                for j in targets:
+                    names = self.graph[j].class_names
+                    groups = cf_labels[j][:n].numpy()
+                    by_group = subgroup_shift(real, projections[cf_type][k], labels[j][:n].numpy(), groups, len(names))
+                    shifts[k][cf_type][j] = {
+                        names[g]: {"modes": values, "mean": float(np.mean(values))} for g, values in by_group.items()
+                    }
+                    collected[cf_type] += [float(np.mean(v)) for v in by_group.values()]
+                    cf_groups.setdefault(j, {}).setdefault(cf_type, {})[k] = groups
+        modes, figure = {}, {}
+        for j, by_type in cf_groups.items():
+            names = list(self.graph[j].class_names)
+            real_groups = labels[j][:n].numpy()
+            mode, eta2 = separating_mode(real_all, real_groups)
+            modes[j] = {"mode": mode + 1, "eta2": eta2}
+            figure[j] = {
+                "real": real_all[:, mode],
+                "real_groups": real_groups,
+                "group_names": names,
+                "mode": mode + 1,
+                "eta2": eta2,
+                "counterfactuals": {},
+                "distances": {},
+            }
+            for cf_type, by_do in by_type.items():
+                for k, groups in by_do.items():
+                    values = projections_all[cf_type][k][:, mode]
+                    figure[j]["counterfactuals"].setdefault(cf_type, {})[f"do({k})"] = (values, groups)
+                    by_group = subgroup_shift(
+                        real_all[:, mode : mode + 1], values[:, None], real_groups, groups, len(names)
+                    )
+                    figure[j]["distances"].setdefault(cf_type, {})[f"do({k})"] = {g: v[0] for g, v in by_group.items()}
+        self.figure_data["embedding"] = figure
+        return {
+            "num_samples": n,
+            "explained_variance_ratio": pca.explained_variance_ratio[: self.num_modes],
+            "mean": {cf_type: _finite_mean(v) for cf_type, v in collected.items()},
+            "figure_modes": modes,
+            "shifts": shifts,
+        }
+
+    def _realism_results(self) -> dict[str, Any]:
+        acc = self._acc
+        if not acc.real_features:
+            return {}
+        real = torch.cat(acc.real_features)
+        half = real.shape[0] // 2
+        by_do = {
+            k: {
+                cf_type: frechet_distance(real, torch.cat(acc.cf_features[cf_type][k]))
+                for cf_type in self.counterfactual_fns
+            }
+            for k in self.intervened
+        }
+        pooled = {
+            cf_type: frechet_distance(
+                real, torch.cat([torch.cat(acc.cf_features[cf_type][k]) for k in self.intervened])
+            )
+            for cf_type in self.counterfactual_fns
+        }
+        return {
+            "num_samples": int(real.shape[0]),
+            "fid": pooled,
+            "fid_by_intervention": by_do,
+            # two halves of the real set: the value sampling noise alone gives at this size
+            "fid_real_halves": frechet_distance(real[:half], real[half:]),
+        }
+
+    def _utility_results(self) -> dict[str, Any]:
+        images, attributes = _collect(self.utility_data, self.image_key, self.graph, self.batch_size)
+        rng = np.random.default_rng(self.seed + 1)
+        predictors: dict[tuple[str, str], nn.Module] = {("real", "real"): self.train_predictor_fn(images, attributes)}
+        for k in self.intervened:
+            pool = self.intervention_pool.get(k, attributes[k].numpy())
+            values = torch.as_tensor(
+                draw_intervention_values(self.graph, k, attributes[k].numpy(), rng, pool, self.min_gap)
+            ).to(attributes[k].dtype)
+            for cf_type, runner in self._runners.items():
+                cf_images, cf_attributes = [], {n: [] for n in self.graph.attributes}
+                with eval_mode(*runner.modules):
+                    for start in range(0, images.shape[0], self.batch_size):
+                        rows = slice(start, start + self.batch_size)
+                        x = images[rows].to(self.state.device)
+                        pa = {n: v[rows].to(self.state.device) for n, v in attributes.items()}
+                        x_cf, pa_cf = runner(x, pa, {k: values[rows].to(self.state.device)})
+                        cf_images.append(x_cf.cpu())
+                        for n in self.graph.attributes:
+                            cf_attributes[n].append(pa_cf[n].cpu())
+                predictors[(k, cf_type)] = self.train_predictor_fn(
+                    torch.cat(cf_images), {n: torch.cat(v) for n, v in cf_attributes.items()}
+                )
+        outputs: dict[tuple[str, str], dict[str, list[torch.Tensor]]] = {key: {} for key in predictors}
+        labels: dict[str, list[torch.Tensor]] = {}
+        with eval_mode(*predictors.values()):
+            for batch in self.data_loader:
+                x, pa, _ = self._parse_batch(batch, with_noise=False)
+                for name in self.graph.attributes:
+                    _append(labels, [name], pa[name])
+                for key, predictor in predictors.items():
+                    for name, value in predictor(x).items():
+                        _append(outputs[key], [name], value)
+        labels_cat = _cat(labels)
+        performance = {key: attribute_performance(self.graph, _cat(out), labels_cat) for key, out in outputs.items()}
+        return {
+            "num_train_samples": int(images.shape[0]),
+            "baseline": performance[("real", "real")],
+            "by_training_set": {
+                k: {cf_type: performance[(k, cf_type)] for cf_type in self.counterfactual_fns} for k in self.intervened
+            },
+        }
+
+    def _example_data(self) -> dict[str, Any]:
+        ex = self._examples
+        if "images" not in ex:
+            return {}
+        n = ex["images"].shape[0]
+
+        def describe(values: Mapping[str, torch.Tensor], i: int) -> str:
+            parts = []
+            for name in self.graph.attributes:
+                value = values[name][i]
+                parts.append(
+                    self.graph[name].class_names[int(value)] if self.graph[name].is_discrete else f"{float(value):.0f}"
+                )
+            half = (len(parts) + 1) // 2  # two lines, so the label fits above a small panel
+            return ", ".join(parts[:half]) + "\n" + ", ".join(parts[half:])
+
+        titles: dict[str, dict[str, list[str]]] = {}
+        for cf_type, by_do in ex["labels"].items():
+            titles[cf_type] = {}
+            for k, values in by_do.items():
+                row = []
+                for i in range(n):
+                    value = values[k][i]
+                    shown = (
+                        self.graph[k].class_names[int(value)] if self.graph[k].is_discrete else f"{float(value):.0f}"
+                    )
+                    changed = [
+                        d
+                        for d in sorted(self.graph.descendants([k]))
+                        if float(values[d][i]) != float(ex["factual"][d][i])
+                    ]
+                    row.append(f"do({k}={shown})" + (f"\n{', '.join(changed)} changed" if changed else ""))
+                titles[cf_type][f"do({k})"] = row
+        return {
+            "images": ex["images"],
+            "row_labels": [describe(ex["factual"], i) for i in range(n)],
+            "counterfactuals": {
+                cf_type: {f"do({k})": v for k, v in by_do.items()} for cf_type, by_do in ex["counterfactuals"].items()
+            },
+            "panel_titles": titles,
+            "truth": {f"do({k})": v for k, v in ex.get("truth", {}).items()},
+        }
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _collect(
+    data: Iterable | Mapping[str, Any], image_key: str, graph: CausalGraph, batch_size: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """All images and canonical attributes of a dataset, on the CPU (the utility stage trains on them)."""
+    loader = _TensorBatches(data, batch_size, image_key) if isinstance(data, Mapping) else data
+    images, attributes = [], {n: [] for n in graph.attributes}
+    for batch in loader:
+        x = batch[image_key]
+        images.append((x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)).float().cpu())
+        for name in graph.attributes:
+            value = torch.as_tensor(_numpy(batch[name])).reshape(-1)
+            attributes[name].append(value.long() if graph[name].is_discrete else value.float())
+    if not images:
+        raise ValueError("utility_data gave no batch.")
+    return torch.cat(images), {n: torch.cat(v) for n, v in attributes.items()}
