@@ -211,7 +211,11 @@ class CounterfactualFineTuner(HVAETrainer):
                 grad_skip=engine.grad_skip,
             )
             if not skipped:
-                # The multiplier's gradient (nELBO - epsilon) is identical on every rank: no all-reduce needed.
+                if is_distributed():
+                    # Each rank sees its own nELBO; the multiplier must follow the global mean to stay in lockstep.
+                    grad = engine.lagrangian.multiplier.grad
+                    torch.distributed.all_reduce(grad)
+                    grad /= torch.distributed.get_world_size()
                 engine.lagrange_optimizer.step()
                 engine.lagrangian.clamp_()
                 if engine.lr_scheduler is not None:

@@ -124,3 +124,41 @@ def test_checkpoint_holds_the_multiplier(loader, tmp_path):
     assert {"lagrangian", "lagrange_optimizer", "network", "ema"} <= set(state)
     copy.deepcopy(state["lagrangian"])
     assert float(state["lagrangian"]["multiplier"]) >= 0.0
+
+
+class _RecordingLoss(torch.nn.Module):
+    """The default predictor loss, keeping the targets it was given."""
+
+    def __init__(self, loss: torch.nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+        self.targets: list[dict[str, torch.Tensor]] = []
+
+    def forward(self, outputs, targets):
+        self.targets.append({k: v.detach().clone() for k, v in targets.items()})
+        return self.loss(outputs, targets)
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_engine_targets_under_do_sex(loader, mode):
+    scm, predictor = _models()
+    optimizer = torch.optim.AdamW(scm.image_model.parameters(), lr=1e-4)
+    tuner = CounterfactualFineTuner(
+        "cpu", 1, loader, scm, optimizer, predictor, mode=mode, elbo_constraint=2.0, intervene_on=["sex"], seed=0
+    )
+    recorder = _RecordingLoss(tuner.predictor_loss)
+    tuner.predictor_loss = recorder
+    tuner.run()
+    batch = next(iter(loader))
+    with torch.no_grad():
+        real = predictor.probabilities(batch["image"])
+    first = recorder.targets[0]
+    if mode == "soft":  # A* = {race, age, disease}: the guidance predictor's probabilities on the real images
+        assert torch.allclose(first["race"], real["race"], atol=1e-6)
+        assert torch.allclose(first["disease"], real["disease"].reshape(-1, 1), atol=1e-6)
+    else:  # hard: the factual labels
+        assert torch.equal(first["race"], torch.nn.functional.one_hot(batch["race"].long(), 3).float())
+        assert torch.equal(first["disease"][:, 0], batch["disease"].float())
+    encoded_age = scm.encoder.encode_attribute("age", batch["age"])
+    assert torch.allclose(first["age"], encoded_age, atol=1e-6)  # continuous: the factual value in both modes
+    assert set(first["sex"][:, 0].tolist()) <= {0.0, 1.0}  # intervened: a hard counterfactual label

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 SCRIPT = Path(__file__).with_name("ddp_hvae_script.py")
+CFT_SCRIPT = Path(__file__).with_name("ddp_cft_script.py")
 
 
 def _free_port() -> int:
@@ -27,7 +28,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_train_in_lockstep(tmp_path):
+def _torchrun(script: Path, out_dir: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     command = [
         sys.executable,
@@ -36,11 +37,15 @@ def test_torchrun_two_processes_train_in_lockstep(tmp_path):
         "--nproc_per_node=2",
         "--master_addr=127.0.0.1",
         f"--master_port={_free_port()}",
-        str(SCRIPT),
-        str(tmp_path),
+        str(script),
+        str(out_dir),
     ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_torchrun_two_processes_train_in_lockstep(tmp_path):
+    _torchrun(SCRIPT, tmp_path)
     final = [torch.load(tmp_path / f"final_rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert final[0]["iteration"] == final[1]["iteration"] == 8  # 2 epochs x 4 batches per rank
     assert final[0]["samples_seen"] == final[1]["samples_seen"] == 16
@@ -54,3 +59,15 @@ def test_torchrun_two_processes_train_in_lockstep(tmp_path):
     assert not (tmp_path / "rank1").exists()
     checkpoint = torch.load(tmp_path / "rank0" / "checkpoint_final_iteration=8.pt", weights_only=True)
     assert all(torch.equal(v, final[0]["network"][k]) for k, v in checkpoint["network"].items())
+
+
+def test_torchrun_soft_fine_tuning_in_lockstep(tmp_path):
+    _torchrun(CFT_SCRIPT, tmp_path)
+    final = [torch.load(tmp_path / f"final_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert final[0]["iteration"] == final[1]["iteration"] == 8
+    for key, value in final[0]["network"].items():
+        assert torch.equal(value, final[1]["network"][key]), key
+    assert torch.equal(final[0]["multiplier"], final[1]["multiplier"])
+    assert float(final[0]["multiplier"]) >= 0.0
+    assert "checkpoint_final_iteration=8.pt" in os.listdir(tmp_path / "rank0")
+    assert not (tmp_path / "rank1").exists()
