@@ -300,7 +300,7 @@ class RandCounterfactuald(RandomizableTransform, _CounterfactualTransform):
         return d
 
 
-class CounterfactualPaird(RandomizableTransform, _CounterfactualTransform):
+class CounterfactualPaird(RandCounterfactuald):
     """Add a counterfactual view beside each real image, for counterfactual contrastive learning.
 
     For each image key ``k`` writes ``k + cf_suffix`` (e.g. ``"image_cf"``), a counterfactual of the sample under
@@ -349,28 +349,23 @@ class CounterfactualPaird(RandomizableTransform, _CounterfactualTransform):
         id_key: Hashable | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
-        _CounterfactualTransform.__init__(
-            self, keys, scm, attribute_keys, pa_key, posterior_mean, 0, cache, id_key, allow_missing_keys
-        )
-        RandomizableTransform.__init__(self, prob)
         if not isinstance(cf_suffix, str) or not cf_suffix:
             raise ValueError(f"cf_suffix must be a non-empty string, got {cf_suffix!r}.")
+        super().__init__(
+            keys,
+            scm,
+            attributes,
+            prob,
+            values,
+            sampling,
+            attribute_keys,
+            pa_key,
+            posterior_mean,
+            cache,
+            id_key,
+            allow_missing_keys,
+        )
         self.cf_suffix = cf_suffix
-        self.sampler = InterventionSampler(scm, attributes, values=values, sampling=sampling)
-        self._intervention: dict[str, int | float] | None = None
-        self._seed: int | None = None
-
-    def set_random_state(
-        self, seed: int | None = None, state: np.random.RandomState | None = None
-    ) -> CounterfactualPaird:
-        super().set_random_state(seed, state)
-        return self
-
-    def randomize(self, data: Mapping[Hashable, Any]) -> None:
-        super().randomize(None)
-        self._intervention, self._seed = None, None
-        if self._do_transform:
-            self._intervention, self._seed = self.sampler.draw(self.current_attributes(data), self.R)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
