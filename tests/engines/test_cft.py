@@ -25,14 +25,6 @@ from monai_cf.networks.nets import AttributePredictor
 SIZE = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def loader() -> DataLoader:
     batch = SyntheticCXR(spatial_size=SIZE, seed=0).sample_batch(48)

@@ -24,14 +24,6 @@ from monai_cf.networks import DeepSCM
 from tests.engines.helpers import image_records, parameters_vector, tiny_hvae
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _loaders(n_train: int = 32, n_val: int = 8, batch_size: int = 8):
     records = image_records(n_train + n_val, seed=0)
     train = create_data_loader(records[:n_train], batch_size=batch_size, seed=0)

@@ -32,14 +32,6 @@ from monai_cf.engines import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def phantom_batch(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantom")

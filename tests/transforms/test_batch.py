@@ -20,14 +20,6 @@ from monai_cf.transforms import CounterfactualBatchAugmenter, Counterfactuald, C
 from tests.transforms import ATTRIBUTES, make_items, make_scm
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def scm():
     return make_scm()

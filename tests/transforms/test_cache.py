@@ -28,14 +28,6 @@ from monai_cf.transforms import (
 from tests.transforms import ATTRIBUTES, make_items, make_scm
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _same(a, b):
     assert torch.equal(a["image"], b["image"])
     assert all(a[n] == b[n] for n in ATTRIBUTES)

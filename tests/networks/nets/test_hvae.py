@@ -45,15 +45,6 @@ TINY_3D = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # these models are tiny: one thread is fastest, and it avoids OpenMP stalls on a shared, busy CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _quantise(x: torch.Tensor) -> torch.Tensor:
     return torch.round((x.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
 
