@@ -31,7 +31,7 @@ from monai_cf.transforms.array import (
     restore_batch,
 )
 from monai_cf.transforms.cache import CounterfactualCache
-from monai_cf.transforms.dictionary import attribute_key_map
+from monai_cf.transforms.dictionary import _copy, _suffixed, attribute_key_map
 
 __all__ = ["CounterfactualBatchAugmenter"]
 
@@ -238,15 +238,3 @@ def _rows(values: Any, size: int) -> list[Any]:
     if len(rows) != size:
         raise ValueError(f"The id key has {len(rows)} entries for a batch of {size}.")
     return rows
-
-
-def _suffixed(key: Hashable, suffix: str) -> Hashable:
-    return f"{key}{suffix}" if suffix else key
-
-
-def _copy(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, np.ndarray):
-        return value.copy()
-    return list(value) if isinstance(value, list) else value

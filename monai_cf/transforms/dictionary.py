@@ -402,7 +402,7 @@ def _copy(value: Any) -> Any:
         return value.clone()
     if isinstance(value, np.ndarray):
         return value.copy()
-    return value
+    return list(value) if isinstance(value, list) else value
 
 
 CounterfactualD = CounterfactualDict = Counterfactuald

@@ -22,17 +22,8 @@ from monai_cf.networks.nets import (
     parse_decoder_arch,
     parse_encoder_arch,
 )
+from tests.engines.helpers import TINY_HVAE as TINY_2D
 
-TINY_2D = {
-    "spatial_dims": 2,
-    "in_channels": 1,
-    "spatial_size": 16,
-    "parents_dim": 3,
-    "encoder_arch": "16b1d2,8b1d2,4b1d4,1b1",
-    "decoder_arch": "1b1,4b1,8b1,16b1",
-    "widths": (16, 16, 32, 32),
-    "z_dim": 4,
-}
 TINY_3D = {
     "spatial_dims": 3,
     "in_channels": 2,
