@@ -15,7 +15,13 @@ AdamW step), counterfactual images/s (abduct + decode), peak memory, GFLOP/s ach
 ``torch.utils.flop_counter``) and the ratio to the reference figures measured on this machine class. One line per
 configuration, then a summary line. Each configuration runs in its own process (clean peak memory).
 
-Usage: ``python tests/benchmarks/bench_hvae_speed.py [--threads 2]``.
+``--precision`` picks the HVAE's arithmetic (:attr:`monai_cf.networks.HVAE.precision`; the default ``auto`` is
+the library default, bf16 autocast on CPUs with native bf16); the path that actually ran is printed. Unless
+``--elbo-steps 0``, a short-training check follows: the Morpho-MNIST architecture (6 parent dims) trained from
+the same seed on the same phantom images with ``fp32`` and with the chosen precision, both final models then
+scored in fp32 on held-out images; it prints both nELBOs and their relative difference (target < 1%).
+
+Usage: ``python tests/benchmarks/bench_hvae_speed.py [--threads 2] [--precision auto] [--elbo-steps 200]``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import argparse
 import multiprocessing as mp
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +52,18 @@ CONFIGS = {
     "mimic192": {"batch": 16, "warmup": 1, "repeats": 2},
 }
 TARGETS = {"morphomnist": 3.0, "mimic192": 2.0}
+ELBO_TOLERANCE = 0.01
 
 
-def _run(preset: str, task: str, threads: int) -> dict[str, Any]:
+def _resolved_path(precision: str) -> str:
+    from monai_cf.networks.nets.hvae import bf16_is_native
+
+    if precision == "auto":
+        return f"auto -> {'bf16' if bf16_is_native('cpu') else 'fp32'}"
+    return precision
+
+
+def _run(preset: str, task: str, threads: int, precision: str) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from monai_cf.networks import HVAE
@@ -55,7 +71,7 @@ def _run(preset: str, task: str, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = CONFIGS[preset]
-    model = HVAE.from_preset(preset)
+    model = HVAE.from_preset(preset, precision=precision)
     x, pa = _images(cfg["batch"], model.in_channels, model.spatial_size, model.parents_dim)
     if task == "train":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.9), weight_decay=0.01, fused=True)
@@ -83,6 +99,7 @@ def _run(preset: str, task: str, threads: int) -> dict[str, Any]:
     reference = REFERENCE[preset, task]
     return {
         "config": f"{preset} {task}",
+        "precision": _resolved_path(precision),
         "params": sum(p.numel() for p in model.parameters()),
         "batch": cfg["batch"],
         "img/s": result["img/s"],
@@ -92,6 +109,60 @@ def _run(preset: str, task: str, threads: int) -> dict[str, Any]:
         "GFLOP/s": flops * steps_per_s / 1e9,
         "peak MB": result["peak MB"],
         "load": f"{load:.1f}->{os.getloadavg()[0]:.1f}",
+    }
+
+
+def _phantom_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` quantised 32x32 phantom images in [-1, 1] and their 6-dim parents (sex, race one-hot, age, disease)."""
+    from monai_cf.data import SyntheticCXR
+
+    batch = SyntheticCXR(spatial_size=32, seed=seed).sample_batch(n)
+    x = torch.round(torch.as_tensor(batch["image"]).clamp(0, 1) * 255) / 127.5 - 1
+    pa = torch.cat(
+        [
+            torch.as_tensor(batch["sex"]).float()[:, None],
+            torch.nn.functional.one_hot(torch.as_tensor(batch["race"]), 3).float(),
+            torch.as_tensor(batch["age"]).float()[:, None] / 50 - 1,
+            torch.as_tensor(batch["disease"]).float()[:, None],
+        ],
+        dim=1,
+    )
+    return x, pa
+
+
+def _train_elbo(precision: str, steps: int, threads: int) -> dict[str, Any]:
+    """Train the Morpho-MNIST architecture ``steps`` steps; score the result in fp32 on held-out phantoms."""
+    from monai_cf.networks import HVAE
+
+    torch.set_num_threads(threads)
+    x_train, pa_train = _phantom_data(1024, seed=0)
+    x_test, pa_test = _phantom_data(256, seed=1)
+    torch.manual_seed(0)
+    model = HVAE.from_preset("morphomnist", parents_dim=6, precision=precision)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.9), weight_decay=0.01, fused=True)
+    batch, last = 32, []
+    start = time.perf_counter()
+    for step in range(steps):
+        rows = slice((step * batch) % len(x_train), (step * batch) % len(x_train) + batch)
+        optimizer.zero_grad(set_to_none=True)
+        nelbo = model.elbo(x_train[rows], pa_train[rows])["nelbo"]
+        nelbo.backward()
+        optimizer.step()
+        if step >= steps - 20:
+            last.append(nelbo.detach())
+    seconds = time.perf_counter() - start
+    model.precision = "fp32"
+    torch.manual_seed(1)
+    with torch.no_grad():
+        held_out = sum(
+            model.elbo(x_test[i : i + 64], pa_test[i : i + 64])["nelbo"].item() for i in range(0, len(x_test), 64)
+        ) / (len(x_test) // 64)
+    return {
+        "precision": _resolved_path(precision),
+        "train nelbo (last 20)": torch.stack(last).mean().item(),
+        "held-out nelbo (fp32 eval)": held_out,
+        "img/s": steps * batch / seconds,
+        "load": os.getloadavg()[0],
     }
 
 
@@ -107,9 +178,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--configs", default="morphomnist,mimic192")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    parser.add_argument("--elbo-steps", type=int, default=200, help="short-training ELBO check; 0 skips it")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs")
-    columns = ["config", "params", "batch", "img/s", "reference img/s", "ratio", "GFLOP/step", "GFLOP/s", "peak MB"]
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, "
+        f"precision {_resolved_path(args.precision)}"
+    )
+    columns = [
+        "config",
+        "precision",
+        "params",
+        "batch",
+        "img/s",
+        "reference img/s",
+        "ratio",
+        "GFLOP/step",
+        "GFLOP/s",
+        "peak MB",
+    ]
     print("| " + " | ".join(columns + ["load"]) + " |")
     print("|" + "---|" * (len(columns) + 1))
     results = []
@@ -117,7 +204,7 @@ def main() -> None:
     for preset in args.configs.split(","):
         for task in ("train", "cf"):
             with ctx.Pool(1) as pool:
-                result = pool.apply(_run, (preset, task, args.threads))
+                result = pool.apply(_run, (preset, task, args.threads, args.precision))
             results.append(result)
             print("| " + " | ".join(_fmt(result[c]) for c in columns + ["load"]) + " |", flush=True)
     verdicts = []
@@ -126,6 +213,24 @@ def main() -> None:
         ok = result["ratio"] >= TARGETS[preset]
         verdicts.append(
             f"{result['config']} {result['ratio']:.2f}x (target {TARGETS[preset]:.0f}x) {'PASS' if ok else 'FAIL'}"
+        )
+    if args.elbo_steps > 0:
+        runs = []
+        for precision in ("fp32", args.precision):
+            with ctx.Pool(1) as pool:
+                run = pool.apply(_train_elbo, (precision, args.elbo_steps, args.threads))
+            runs.append(run)
+            print(
+                f"elbo check ({args.elbo_steps} steps, morphomnist, phantoms): {run['precision']}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in run.items() if k != "precision"),
+                flush=True,
+            )
+        relative = abs(runs[1]["held-out nelbo (fp32 eval)"] / runs[0]["held-out nelbo (fp32 eval)"] - 1)
+        train_relative = abs(runs[1]["train nelbo (last 20)"] / runs[0]["train nelbo (last 20)"] - 1)
+        ok = relative < ELBO_TOLERANCE
+        verdicts.append(
+            f"elbo {runs[1]['precision']} vs fp32: held-out {relative:.2%}, train {train_relative:.2%} "
+            f"(target < {ELBO_TOLERANCE:.0%}) {'PASS' if ok else 'FAIL'}"
         )
     print("summary: " + "; ".join(verdicts))
 

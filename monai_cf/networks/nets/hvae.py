@@ -19,6 +19,8 @@ intervention return the input image.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -35,11 +37,16 @@ __all__ = [
     "HVAEBottleneckBlock",
     "HVAEDecoderBlock",
     "HVAEEncoder",
+    "PRECISIONS",
+    "bf16_is_native",
     "discretized_gaussian_log_likelihood",
     "gaussian_kl",
     "parse_decoder_arch",
     "parse_encoder_arch",
 ]
+
+#: values of :attr:`HVAE.precision`.
+PRECISIONS = ("auto", "bf16", "fp32")
 
 _ENCODER_STAGE = re.compile(r"^(\d+)b(\d+)(?:d(\d+))?$")
 _DECODER_STAGE = re.compile(r"^(\d+)b(\d+)$")
@@ -149,6 +156,50 @@ def discretized_gaussian_log_likelihood(
     return torch.where(x < -edge, log_lowest, torch.where(x > edge, log_highest, log_inner))
 
 
+@functools.cache
+def _cpu_has_native_bf16() -> bool:
+    is_supported = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if not torch.backends.mkldnn.is_available() or is_supported is None:
+        return False
+    return bool(is_supported() or (amx is not None and amx()))
+
+
+def bf16_is_native(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bfloat16 matrix products natively (so bf16 autocast pays).
+
+    True for a CPU with AVX-512 BF16 or AMX (through oneDNN) and for a CUDA GPU with bf16 hardware
+    support (Ampere or newer); False otherwise, including for CPUs that would only emulate bf16.
+
+    Example::
+
+        bf16_is_native("cpu")  # True on e.g. AMD Zen 4 or Intel Sapphire Rapids
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _cpu_has_native_bf16()
+    if device.type == "cuda" and torch.cuda.is_available():
+        try:
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:  # older torch without the keyword
+            return bool(torch.cuda.is_bf16_supported())
+    return False
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast runs matrix products in on ``x``'s device (``x``'s own dtype outside autocast)."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _uniform_(tensor: torch.Tensor, fan_in: int, gain: float = 1.0) -> None:
     """PyTorch's default conv/linear initialisation, ``U(-b, b)`` with ``b = gain / sqrt(fan_in)``."""
     bound = gain / math.sqrt(max(fan_in, 1))
@@ -170,12 +221,15 @@ def _pointwise(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu" or x.stride(-1) != 1 or not x[0, 0].is_contiguous():
         return conv(x)
     batch = x.shape[0]
-    flat = x.flatten(2)
-    weight = conv.weight.flatten(1).expand(batch, -1, -1)
+    dtype = _compute_dtype(x)
+    flat = x.flatten(2).to(dtype)
+    # cast before expanding: autocast would otherwise materialise one weight copy per sample
+    weight = conv.weight.to(dtype).flatten(1).expand(batch, -1, -1)
     if conv.bias is None:
         out = torch.bmm(weight, flat)
     else:
-        out = torch.baddbmm(conv.bias[None, :, None].expand(batch, -1, flat.shape[-1]), weight, flat)
+        bias = conv.bias.to(dtype)[None, :, None].expand(batch, -1, flat.shape[-1])
+        out = torch.baddbmm(bias, weight, flat)
     return out.view((batch, out.shape[1]) + spatial)
 
 
@@ -236,7 +290,10 @@ def _spatial_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
         and conv.out_channels <= 8
         and x.shape[2:].numel() >= 1024
     ):
-        return _FewChannelConvFunction.apply(x, conv.weight, conv.bias, conv.padding[0])
+        # autocast does not reach into a custom Function: cast here, autograd casts the gradients back
+        dtype = _compute_dtype(x)
+        bias = None if conv.bias is None else conv.bias.to(dtype)
+        return _FewChannelConvFunction.apply(x.to(dtype), conv.weight.to(dtype), bias, conv.padding[0])
     return conv(x)
 
 
@@ -499,6 +556,9 @@ class HVAE(nn.Module):
         num_bins: quantisation levels of the data for the discretised likelihood.
         beta: default KL weight of :meth:`elbo`.
         free_bits: default free bits (nats per latent channel and layer, summed over space, batch-averaged).
+        precision: arithmetic of the convolution stacks, see :attr:`precision`: ``"auto"`` (bfloat16 autocast
+            where the device computes bf16 natively, else float32), ``"bf16"`` or ``"fp32"``. The likelihood,
+            the KL terms, the latents and the losses are float32 in every mode; so are the parameters.
 
     Example::
 
@@ -510,6 +570,7 @@ class HVAE(nn.Module):
         z = model.abduct(x, pa, posterior_mean=True)
         loc, scale = model.decode(z, pa)
         x_cf = model.counterfactual(x, pa, pa_cf=torch.randn(8, 6))
+        model.precision = "fp32"  # exact float32 arithmetic from now on (the default "auto" may use bf16)
         big = HVAE.from_preset("mimic192")  # the reference MIMIC-CXR 192x192 architecture
     """
 
@@ -563,6 +624,7 @@ class HVAE(nn.Module):
         num_bins: int = 256,
         beta: float = 1.0,
         free_bits: float = 0.0,
+        precision: str = "auto",
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -600,6 +662,7 @@ class HVAE(nn.Module):
         self.num_bins = num_bins
         self.beta = float(beta)
         self.free_bits = float(free_bits)
+        self.precision = precision
         self.encoder_stages, self.decoder_stages, self.widths = enc_stages, dec_stages, widths
         self.act = get_act_layer(act)
 
@@ -784,6 +847,40 @@ class HVAE(nn.Module):
 
     # ------------------------------------------------------------------------------------------- properties
     @property
+    def precision(self) -> str:
+        """Arithmetic of the convolution stacks in every public method: ``"auto"``, ``"bf16"`` or ``"fp32"``.
+
+        ``"bf16"`` runs the encoder and decoder blocks under bfloat16 autocast (parameters, gradients and
+        optimizer state stay float32); the likelihood head, the discretised likelihood, the KL terms, the
+        sampled latents and the losses are computed in float32 from float32 casts. ``"fp32"`` disables any
+        autocast, reproducing the plain float32 numbers. ``"auto"`` is ``"bf16"`` on devices that compute
+        bf16 natively (:func:`bf16_is_native`: AVX-512 BF16/AMX CPUs, Ampere+ GPUs), ``"fp32"`` elsewhere,
+        and leaves an autocast the caller already opened for the device as it is. Settable at any time.
+
+        Example::
+
+            model = HVAE.from_preset("morphomnist", precision="fp32")
+            model.precision = "auto"
+        """
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        if value not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {value!r}.")
+        self._precision = value
+
+    def _precision_context(self, device: torch.device) -> contextlib.AbstractContextManager:
+        device_type = device.type
+        if device_type not in ("cpu", "cuda"):
+            return contextlib.nullcontext()
+        if self._precision == "fp32":
+            return _autocast_off(device)
+        if self._precision == "bf16" or (not torch.is_autocast_enabled(device_type) and bf16_is_native(device)):
+            return torch.autocast(device_type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @property
     def num_latents(self) -> int:
         """Number of stochastic decoder blocks, i.e. the length of the latents list."""
         return sum(1 for b in self.decoder_blocks if b.stochastic)
@@ -823,7 +920,10 @@ class HVAE(nn.Module):
 
     # ----------------------------------------------------------------------------------------- core passes
     def _likelihood_params(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loc, logscale = self.likelihood_head(h).chunk(2, dim=1)
+        # float32 whatever the precision: bf16 spacing near 1 (2^-7) equals the 8-bit bin width on [-1, 1]
+        with _autocast_off(h.device):
+            out = self.likelihood_head(h.to(self.likelihood_head.weight.dtype))
+        loc, logscale = out.chunk(2, dim=1)
         return loc, logscale.clamp_min(self.min_logscale)
 
     @staticmethod
@@ -892,17 +992,19 @@ class HVAE(nn.Module):
             prior_out = block.prior(z_stream)
             if block.stochastic:
                 p_loc, p_logscale, p_features = prior_out.split([zd, zd, block.width], dim=1)
+                # latents and KL terms in float32 (a no-op cast unless the blocks ran under bf16 autocast)
                 if features is not None:
                     h_factual = h if branches == 1 else h[:batch]
-                    q_loc, q_logscale = block.posterior(h_factual, extra=posterior_extra[res].pop()).chunk(2, dim=1)
+                    q_stats = block.posterior(h_factual, extra=posterior_extra[res].pop()).float()
+                    q_loc, q_logscale = q_stats.chunk(2, dim=1)
                     z = q_loc if posterior_mean else q_loc + torch.exp(q_logscale) * torch.randn_like(q_loc)
                     if want_kl:
-                        kls.append(gaussian_kl(q_loc, q_logscale, p_loc, p_logscale))
+                        kls.append(gaussian_kl(q_loc, q_logscale, p_loc.float(), p_logscale.float()))
                 else:
                     given = None if latents is None else latents[latent_index]
                     if given is None:
-                        noise = torch.randn_like(p_loc)
-                        z = p_loc + torch.exp(p_logscale) * (noise if t == 1.0 else noise * t)
+                        noise = torch.randn_like(p_loc, dtype=torch.float32)
+                        z = p_loc.float() + torch.exp(p_logscale.float()) * (noise if t == 1.0 else noise * t)
                     else:
                         z = given
                 if want_latents:
@@ -948,9 +1050,14 @@ class HVAE(nn.Module):
         Engines call the module itself so that a ``DistributedDataParallel`` wrapper sees every pass whose
         gradients it must synchronise (counterfactual fine-tuning needs both terms in one step).
         """
-        terms = self.elbo(x, pa, beta=beta, free_bits=free_bits)
-        if pa_cf is not None:
-            terms["x_cf"] = self.counterfactual(x, pa, pa_cf)
+        if pa_cf is None:
+            return self.elbo(x, pa, beta=beta, free_bits=free_bits)
+        self._check_image(x)
+        with self._precision_context(x.device):
+            # the ELBO and the abduction read the same encoder features: one encoder pass serves both
+            features = self.encoder(x)
+            terms = self._elbo(x, pa, beta, free_bits, features)
+            terms["x_cf"] = self._counterfactual(x, pa, pa_cf, features=features)
         return terms
 
     def elbo(
@@ -968,11 +1075,21 @@ class HVAE(nn.Module):
             ``{"nelbo": nll + beta * kl, "nll": ..., "kl": ...}``, scalar tensors (no host synchronisation).
         """
         self._check_image(x)
+        with self._precision_context(x.device):
+            return self._elbo(x, pa, beta, free_bits, self.encoder(x))
+
+    def _elbo(
+        self,
+        x: torch.Tensor,
+        pa: torch.Tensor | None,
+        beta: float | None,
+        free_bits: float | None,
+        features: dict[int, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
         batch = x.shape[0]
         pa = self._check_parents(pa, batch)
         beta = self.beta if beta is None else beta
         free_bits = self.free_bits if free_bits is None else free_bits
-        features = self.encoder(x)
         h, kls, _ = self._decoder_pass(pa, batch, features=features, want_kl=True)
         loc, logscale = self._likelihood_params(h)
         nll = -discretized_gaussian_log_likelihood(x, loc, logscale, self.num_bins).mean()
@@ -991,9 +1108,11 @@ class HVAE(nn.Module):
         """
         self._check_image(x)
         pa = self._check_parents(pa, x.shape[0])
-        features = self.encoder(x)
-        batch = x.shape[0]
-        _, _, zs = self._decoder_pass(pa, batch, features=features, posterior_mean=posterior_mean, want_latents=True)
+        with self._precision_context(x.device):
+            features = self.encoder(x)
+            _, _, zs = self._decoder_pass(
+                pa, x.shape[0], features=features, posterior_mean=posterior_mean, want_latents=True
+            )
         return zs
 
     def decode(
@@ -1016,8 +1135,9 @@ class HVAE(nn.Module):
         batch = self._infer_batch(latents, pa, batch_size)
         pa = self._check_parents(pa, batch)
         self._check_latents(latents, batch)
-        h, _, _ = self._decoder_pass(pa, batch, latents=latents, t=t)
-        loc, logscale = self._likelihood_params(h)
+        with self._precision_context(self.likelihood_head.weight.device):
+            h, _, _ = self._decoder_pass(pa, batch, latents=latents, t=t)
+            loc, logscale = self._likelihood_params(h)
         scale = torch.exp(logscale)
         return loc, (scale if t == 1.0 else scale * t)
 
@@ -1063,6 +1183,19 @@ class HVAE(nn.Module):
             noise_temperature: multiplies the abducted pixel noise (1 keeps the null intervention exact).
         """
         self._check_image(x)
+        with self._precision_context(x.device):
+            return self._counterfactual(x, pa, pa_cf, posterior_mean, latents, noise_temperature)
+
+    def _counterfactual(
+        self,
+        x: torch.Tensor,
+        pa: torch.Tensor | None,
+        pa_cf: torch.Tensor | None,
+        posterior_mean: bool = False,
+        latents: Sequence[torch.Tensor] | None = None,
+        noise_temperature: float = 1.0,
+        features: dict[int, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         batch = x.shape[0]
         pa = self._check_parents(pa, batch)
         if self.parents_dim == 0:
@@ -1082,7 +1215,7 @@ class HVAE(nn.Module):
         branches = pa_cf3.shape[0] + 1
         pa_all = torch.cat([pa.unsqueeze(0), pa_cf3.to(pa.dtype)], dim=0).flatten(0, 1)
         if latents is None:
-            features = self.encoder(x)
+            features = self.encoder(x) if features is None else features
             h, _, _ = self._decoder_pass(pa_all, batch, branches, features=features, posterior_mean=posterior_mean)
         else:
             self._check_latents(latents, batch)

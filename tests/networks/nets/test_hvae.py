@@ -22,6 +22,7 @@ from monai_cf.networks.nets import (
     parse_decoder_arch,
     parse_encoder_arch,
 )
+from monai_cf.networks.nets.hvae import PRECISIONS, bf16_is_native
 from tests.engines.helpers import TINY_HVAE as TINY_2D
 
 TINY_3D = {
@@ -302,3 +303,89 @@ def test_unconditional_model():
     x, _ = _data({**TINY_2D, "parents_dim": 0}, batch=2)
     assert torch.isfinite(model.elbo(x)["nelbo"])
     assert model.sample(batch_size=3).shape == (3, 1, 16, 16)
+
+
+def test_precision_switch():
+    assert HVAE(**TINY_2D).precision == "auto"
+    model = HVAE(**TINY_2D, precision="fp32")
+    assert model.precision == "fp32"
+    model.precision = "bf16"
+    assert model.precision == "bf16"
+    assert HVAE.from_preset("small32", precision="bf16").precision == "bf16"
+    assert set(PRECISIONS) == {"auto", "bf16", "fp32"}
+    with pytest.raises(ValueError, match=r"precision must be one of .*got 'fp16'"):
+        model.precision = "fp16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        HVAE(**TINY_2D, precision="half")
+    assert isinstance(bf16_is_native("cpu"), bool)
+    assert bf16_is_native("meta") is False
+
+
+def test_fp32_reproduces_the_float32_numbers():
+    # values of the plain float32 model before the precision switch existed (same seeds)
+    torch.manual_seed(0)
+    model = HVAE(**TINY_2D, precision="fp32")
+    x, pa = _data(TINY_2D, batch=4)
+    torch.manual_seed(1)
+    terms = model.elbo(x, pa)
+    assert terms["nelbo"].item() == pytest.approx(6.74328899, abs=1e-5)
+    assert terms["nll"].item() == pytest.approx(6.13985157, abs=1e-5)
+    assert terms["kl"].item() == pytest.approx(0.60343736, abs=1e-5)
+    torch.manual_seed(2)
+    assert model.counterfactual(x, pa, pa.flip(0)).sum().item() == pytest.approx(-2.103277, abs=1e-3)
+    # an fp32 model ignores a caller's autocast
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        again = model.elbo(x, pa)
+    assert torch.equal(again["nelbo"], terms["nelbo"])
+
+
+def test_forward_shares_the_encoder_pass_without_changing_numbers():
+    torch.manual_seed(0)
+    model = HVAE(**TINY_2D, precision="fp32")
+    x, pa = _data(TINY_2D, batch=4)
+    torch.manual_seed(3)
+    separate = model.elbo(x, pa)
+    separate_cf = model.counterfactual(x, pa, pa.flip(0))
+    calls = []
+    handle = model.encoder.register_forward_hook(lambda *args: calls.append(1))
+    torch.manual_seed(3)
+    joint = model(x, pa, pa_cf=pa.flip(0))
+    handle.remove()
+    assert len(calls) == 1
+    assert torch.equal(joint["nelbo"], separate["nelbo"])
+    assert torch.equal(joint["x_cf"], separate_cf)
+
+
+def test_bf16_elbo_close_to_fp32_and_nothing_leaks():
+    torch.manual_seed(0)
+    model = HVAE(**TINY_2D, precision="fp32")
+    x, pa = _data(TINY_2D, batch=8)
+    torch.manual_seed(1)
+    reference = model.elbo(x, pa)
+    model.precision = "bf16"
+    torch.manual_seed(1)
+    terms = model.elbo(x, pa)
+    for key in ("nelbo", "nll", "kl"):
+        assert terms[key].dtype == torch.float32
+        assert abs(terms[key].item() / reference[key].item() - 1) < 0.01, key
+    terms["nelbo"].backward()
+    for name, param in model.named_parameters():
+        assert param.dtype == torch.float32, name
+        assert param.grad is not None and param.grad.dtype == torch.float32, name
+        assert torch.isfinite(param.grad).all(), name
+    with torch.no_grad():
+        latents = model.abduct(x, pa, posterior_mean=True)
+        loc, scale = model.decode(latents, pa)
+        x_null = model.counterfactual(x, pa, pa)
+        sample = model.sample(pa)
+    assert all(z.dtype == torch.float32 for z in latents)
+    assert loc.dtype == scale.dtype == x_null.dtype == sample.dtype == torch.float32
+    # the likelihood stays float32, so the null intervention still returns the input closely
+    assert (x_null - x).abs().max().item() < 1e-4
+    # "auto" is bf16 exactly where the CPU computes bf16 natively
+    model.precision = "auto"
+    torch.manual_seed(1)
+    auto = model.elbo(x, pa)["nelbo"]
+    expected = terms["nelbo"] if bf16_is_native("cpu") else reference["nelbo"]
+    assert torch.equal(auto, expected)
