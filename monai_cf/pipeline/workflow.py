@@ -1,0 +1,784 @@
+# Copyright (c) monai_cf contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The whole counterfactual pipeline as stages with reusable checkpoints, for bundles and scripts.
+
+data -> guidance predictor -> evaluation predictor -> mechanisms -> HVAE -> fine-tuning (none / hard / soft from
+the same pretrained HVAE) -> evaluation and report. Each finished stage leaves one self-describing file in
+``models_dir`` (weights plus the settings that produced them), which later runs reuse; an interrupted stage
+resumes from its last checkpoint under ``models_dir/runs/<stage>``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from monai.data import DataLoader
+
+from monai_cf.data import csv_dataset, load_csv_datalist
+from monai_cf.engines import (
+    CounterfactualEvaluator,
+    create_cft_trainer,
+    create_data_loader,
+    create_hvae_trainer,
+    create_mechanism_trainer,
+    create_predictor_trainer,
+    measure_nelbo,
+)
+from monai_cf.engines.part_trainers import AttributeTable
+from monai_cf.engines.utils import ResumableDistributedSampler
+from monai_cf.graph import CausalGraph
+from monai_cf.handlers.tracking import BEST_CHECKPOINT, check_tracking_uri
+from monai_cf.networks import DeepSCM
+from monai_cf.networks.nets import AttributePredictor
+
+__all__ = ["CounterfactualPipeline", "STAGES", "CFT_FILE", "load_checkpoint", "locate_bundle_root"]
+
+logger = logging.getLogger("monai_cf.pipeline")
+
+#: stage names in execution order
+STAGES = ("data", "guidance", "evaluation_predictor", "mechanisms", "hvae", "cft", "evaluate")
+#: file name of a fine-tuned image model in ``models_dir``
+CFT_FILE = "hvae_cft_{mode}.pt"
+CHECKPOINT_VERSION = 1
+PHANTOM_GRAPH = "mimic_cxr"
+#: the batch key of the image for every trainer and the evaluator, whatever the graph calls its image
+ENGINE_IMAGE_KEY = "image"
+
+DEFAULT_DATA = {"train_csv": "train.csv", "val_csv": "val.csv", "test_csv": "test.csv"}
+DEFAULT_PHANTOM = {"n_train": 4000, "n_val": 300, "n_test": 500, "seed": 0}
+DEFAULT_PREDICTOR = {"backbone": "small_cnn", "max_epochs": 5, "lr": 1e-3, "batch_size": 64}
+DEFAULT_MECHANISMS = {"max_epochs": 30, "lr": 3e-3, "batch_size": 256}
+DEFAULT_HVAE_TRAINING = {"max_epochs": 8, "lr": 1e-3}
+DEFAULT_CFT = {
+    "modes": ["none", "hard", "soft"],
+    "fine_tune_none": False,
+    "max_epochs": 3,
+    "lr": 1e-3,
+    "ema_rate": None,
+}
+DEFAULT_EVALUATION = {"batch_size": 100}
+
+
+def locate_bundle_root(name: str) -> str:
+    """The bundle's directory, whether the user runs from inside it or from the repository root.
+
+    ``python -m monai.bundle run`` has no notion of the config file's location in the config itself; model-zoo
+    bundles assume the working directory is the bundle. This returns the working directory when it holds
+    ``configs/`` of a bundle called ``name``, else ``bundles/<name>`` below it when that exists, else the working
+    directory.
+    """
+    cwd = Path.cwd()
+    if cwd.name == name and (cwd / "configs").is_dir():
+        return str(cwd)
+    candidate = cwd / "bundles" / name
+    if (candidate / "configs").is_dir():
+        return str(candidate)
+    return str(cwd)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a stage file written by :class:`CounterfactualPipeline`, with a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"No checkpoint '{path}': run the training bundle first (or point models_dir elsewhere).")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION or "state_dict" not in ckpt:
+        raise ValueError(f"'{path}' is not a monai_cf pipeline checkpoint (version {CHECKPOINT_VERSION}).")
+    return ckpt
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _run_together(trainer: Any) -> None:
+    """Run a stage's trainer once every process has built its own: a trainer picks the checkpoint it resumes from
+    when it is built, and a process that saw the first checkpoint of a faster one would skip training (and the
+    collective calls in it) and hang the launch."""
+    _barrier()
+    trainer.run()
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+class _EngineImageKey:
+    """Moves a sample's image to the key the trainers read (``"image"``) from the key a user's graph gives it."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __call__(self, item: Mapping[str, Any]) -> dict[str, Any]:
+        item = dict(item)
+        item[ENGINE_IMAGE_KEY] = item.pop(self.key)
+        return item
+
+
+def _cli_value(value: Any) -> Any:
+    """``true`` / ``false`` / ``null`` typed on the bundle command line arrive as strings (Fire parses only the
+    Python spellings ``True`` / ``False`` / ``None``): map them to the values they name."""
+    if isinstance(value, str):
+        return {"true": True, "false": False, "null": None, "none": None}.get(value.strip().lower(), value)
+    return value
+
+
+def _differences(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+class CounterfactualPipeline:
+    """Train and evaluate deep structural causal models with and without counterfactual fine-tuning.
+
+    Everything is validated when the pipeline is built (the graph, the image model, the data location and CSV
+    columns, the tracking URI), so a mistake fails in seconds rather than after hours of training.
+
+    Stage files in ``models_dir`` (``guidance_predictor.pt``, ``evaluation_predictor.pt``, ``mechanisms.pt``,
+    ``hvae.pt``, ``hvae_cft_<mode>.pt``) hold the weights and the settings that produced them. A stage whose file
+    exists is reused; a file made with other settings is an error naming the differences (pass ``retrain``).
+    Retraining a stage retrains the stages that depend on it. Interrupted stages resume from
+    ``models_dir/runs/<stage>``.
+
+    Args:
+        dataset_dir: the data: the phantom is written here once when ``phantom`` is given and the directory lacks
+            it; for real data it must exist and hold the CSVs.
+        output_dir: evaluation outputs (``metrics.json``, ``report.md``, figures, ``timing.json``).
+        models_dir: stage files (default ``<output_dir>/../models``).
+        graph: the causal graph (name or dict, see :class:`~monai_cf.graph.CausalGraph`).
+        phantom: ``{"n_train", "n_val", "n_test", "seed"}`` of the synthetic chest X-ray phantom, or ``None`` for
+            real data.
+        data: ``train_csv`` / ``val_csv`` / ``test_csv`` (relative to ``dataset_dir``), ``columns``,
+            ``value_maps``, ``image_root``, ``skip_bad_rows``: see :func:`monai_cf.data.load_csv_datalist`.
+        spatial_size: images are resized to this (square) size.
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        batch_size: HVAE and fine-tuning batch size.
+        image_model: HVAE keyword arguments, or ``{"preset": name, ...}``; size, channels and parents default to
+            the pipeline's.
+        predictor: ``backbone``, ``max_epochs``, ``lr``, ``batch_size`` of both attribute predictors.
+        mechanisms: ``max_epochs``, ``lr``, ``batch_size`` of the attribute mechanisms.
+        hvae_training: :func:`~monai_cf.engines.create_hvae_trainer` arguments (``max_epochs``, ``lr``, ``beta``...).
+        cft: ``modes`` (subset of none / hard / soft), ``fine_tune_none`` (``False``: ``none`` is the pretrained
+            HVAE), and :func:`~monai_cf.engines.create_cft_trainer` arguments (``max_epochs``, ``lr``...).
+        evaluation: :class:`~monai_cf.engines.CounterfactualEvaluator` arguments (``batch_size``, ``seed``...).
+        retrain: ``True`` for every stage, or stage names to retrain although their files exist.
+        device: torch device (default: CUDA when available).
+        seed: seed of every stage.
+        num_workers: data loader workers.
+        tracking_uri: MLflow tracking URI (``sqlite:///...``); every stage is a run of ``experiment_name``.
+        experiment_name: MLflow experiment.
+        handlers: handlers from the bundle config; an MLflow handler there (``--tracking mlflow``) provides
+            ``tracking_uri`` and ``experiment_name`` when those are not given.
+        progress_bar: show progress bars.
+
+    Example::
+
+        pipeline = CounterfactualPipeline("data/phantom", "eval", phantom={"n_train": 4000, "n_val": 300,
+                                          "n_test": 500, "seed": 0})
+        pipeline.run()  # or pipeline.run("hvae") for one stage and what it needs
+        pipeline.results["amplification"]
+    """
+
+    def __init__(
+        self,
+        dataset_dir: str | os.PathLike,
+        output_dir: str | os.PathLike,
+        models_dir: str | os.PathLike | None = None,
+        graph: CausalGraph | Mapping | str = PHANTOM_GRAPH,
+        phantom: Mapping[str, Any] | None = None,
+        data: Mapping[str, Any] | None = None,
+        spatial_size: int = 32,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        batch_size: int = 32,
+        image_model: Mapping[str, Any] | None = None,
+        predictor: Mapping[str, Any] | None = None,
+        mechanisms: Mapping[str, Any] | None = None,
+        hvae_training: Mapping[str, Any] | None = None,
+        cft: Mapping[str, Any] | None = None,
+        evaluation: Mapping[str, Any] | None = None,
+        retrain: bool | str | Sequence[str] = False,
+        device: str | torch.device | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+        tracking_uri: str | None = None,
+        experiment_name: str = "cxr_soft_cft",
+        handlers: Sequence[Any] | None = None,
+        progress_bar: bool = True,
+    ) -> None:
+        self.dataset_dir = Path(dataset_dir)
+        self.output_dir = Path(output_dir)
+        self.models_dir = Path(models_dir) if models_dir is not None else self.output_dir.parent / "models"
+        self.graph = CausalGraph.build(graph)
+        phantom = _cli_value(phantom)
+        self.phantom = None if phantom is None else {**DEFAULT_PHANTOM, **dict(phantom)}
+        self.data = {**DEFAULT_DATA, **dict(data or {})}
+        self.spatial_size = int(spatial_size)
+        self.spatial_dims = int(spatial_dims)
+        self.in_channels = int(in_channels)
+        self.batch_size = int(batch_size)
+        self.image_model_config = self._image_model_config(image_model or {"preset": "small32"})
+        self.predictor = {**DEFAULT_PREDICTOR, **dict(predictor or {})}
+        self.mechanisms = {**DEFAULT_MECHANISMS, **dict(mechanisms or {})}
+        self.hvae_training = {**DEFAULT_HVAE_TRAINING, **dict(hvae_training or {})}
+        self.cft = {**DEFAULT_CFT, **dict(cft or {})}
+        self.cft["fine_tune_none"] = bool(_cli_value(self.cft["fine_tune_none"]))
+        self.evaluation = {**DEFAULT_EVALUATION, **dict(evaluation or {})}
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.seed = int(seed)
+        self.num_workers = int(num_workers)
+        self.progress_bar = bool(_cli_value(progress_bar))
+        self.experiment_name = experiment_name
+        self.tracking_uri = tracking_uri
+        for handler in handlers or ():
+            client = getattr(handler, "client", None)
+            if tracking_uri is None and client is not None and hasattr(client, "tracking_uri"):
+                self.tracking_uri = client.tracking_uri
+                self.experiment_name = getattr(handler, "experiment_name", None) or experiment_name
+        if self.tracking_uri is not None:
+            self.tracking_uri = check_tracking_uri(self.tracking_uri)
+        self.retrain = self._retrain_set(retrain)
+        self.timing: dict[str, float] = {}
+        self.peak_memory_mb: dict[str, float] = {}
+        self.results: dict[str, Any] | None = None
+        self._datasets: dict[str, Any] = {}
+        self._validate()
+
+    # ------------------------------------------------------------------------------------------------ checks
+    def _retrain_set(self, retrain: bool | str | Sequence[str]) -> set[str]:
+        retrain = _cli_value(retrain)
+        if retrain is True:
+            return set(STAGES) - {"data"}
+        if not retrain:
+            return set()
+        names = {retrain} if isinstance(retrain, str) else set(retrain)
+        unknown = names - set(STAGES) - {"predictors"}
+        if unknown:
+            raise ValueError(f"retrain names unknown stages {sorted(unknown)}; stages: {list(STAGES[1:])}.")
+        if "predictors" in names:
+            names |= {"guidance", "evaluation_predictor"}
+        return names - {"predictors"}
+
+    def _image_model_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        config = dict(config)
+        config.setdefault("parents_dim", self.graph.parents_dim)
+        if "preset" not in config:
+            config.setdefault("spatial_dims", self.spatial_dims)
+            config.setdefault("in_channels", self.in_channels)
+            config.setdefault("spatial_size", self.spatial_size)
+        return config
+
+    def _validate(self) -> None:
+        if ENGINE_IMAGE_KEY in self.graph.attributes:
+            raise ValueError(
+                f"The graph names an attribute '{ENGINE_IMAGE_KEY}', the key the trainers give the image; rename it."
+            )
+        unknown_cft = set(self.cft["modes"]) - {"none", "hard", "soft"}
+        if unknown_cft or not self.cft["modes"]:
+            raise ValueError(f"cft modes must be a non-empty subset of none, hard, soft; got {self.cft['modes']}.")
+        if self.phantom is not None:
+            phantom_graph = CausalGraph.from_name(PHANTOM_GRAPH)
+            if self.graph.to_dict() != phantom_graph.to_dict():
+                raise ValueError(
+                    "The phantom generates the 'mimic_cxr' graph (sex, race, age, disease -> image); a different graph "
+                    "needs real data: set phantom to null and dataset_dir / data to your CSVs."
+                )
+        else:
+            if not self.dataset_dir.is_dir():
+                raise ValueError(f"dataset_dir '{self.dataset_dir}' does not exist (real data: phantom is null).")
+            for split in ("train", "val", "test"):
+                csv = self._csv(split)
+                if not csv.is_file():
+                    raise ValueError(f"data.{split}_csv: no file '{csv}'.")
+            # columns, values and image paths now, not when the first stage loads the data (after files are written)
+            for split in ("train", "val", "test"):
+                load_csv_datalist(self._csv(split), self.graph, check_images=False, **self._datalist_kwargs())
+        scm = self.build_scm()
+        model = scm.image_model
+        if (
+            tuple(model.spatial_size) != (self.spatial_size,) * self.spatial_dims
+            or model.in_channels != self.in_channels
+        ):
+            raise ValueError(
+                f"image_model takes {model.in_channels}-channel images of size {model.spatial_size}, but the pipeline "
+                f"has in_channels={self.in_channels}, spatial_size={self.spatial_size}."
+            )
+
+    def _datalist_kwargs(self) -> dict[str, Any]:
+        return {k: self.data[k] for k in ("columns", "value_maps", "image_root", "skip_bad_rows") if k in self.data}
+
+    def _csv(self, split: str) -> Path:
+        return self.dataset_dir / str(self.data[f"{split}_csv"])
+
+    # ------------------------------------------------------------------------------------------------ models
+    def build_scm(self) -> DeepSCM:
+        """A fresh DeepSCM with this pipeline's graph and image model (untrained)."""
+        return DeepSCM.from_config({"graph": self.graph.to_dict(), "image_model": self.image_model_config})
+
+    def build_predictor(self) -> AttributePredictor:
+        return AttributePredictor(self.spatial_dims, self.in_channels, self.graph, backbone=self.predictor["backbone"])
+
+    def _stage_settings(self, stage: str) -> dict[str, Any]:
+        common = {"graph": self.graph.to_dict(), "spatial_size": self.spatial_size, "seed": self.seed}
+        data = {"phantom": self.phantom, "data": self.data, "dataset_dir": str(self.dataset_dir)}
+        if stage in ("guidance", "evaluation_predictor"):
+            return {**common, **data, "predictor": self.predictor}
+        if stage == "mechanisms":
+            return {**common, **data, "mechanisms": self.mechanisms}
+        if stage == "hvae":
+            training = {k: v for k, v in self.hvae_training.items() if k != "progress_bar"}
+            return {
+                **common,
+                **data,
+                "image_model": self.image_model_config,
+                "training": training,
+                "batch_size": self.batch_size,
+            }
+        raise KeyError(stage)
+
+    # ------------------------------------------------------------------------------------------------ stages
+    def run(self, *stages: str) -> dict[str, Any] | None:
+        """Run the given stages (default: all) and what they need; returns the evaluation results, if run."""
+        wanted = list(stages) or list(STAGES)
+        unknown = set(wanted) - set(STAGES) - {"predictors"}
+        if unknown:
+            raise ValueError(f"Unknown stages {sorted(unknown)}; stages: {list(STAGES)}.")
+        if "predictors" in wanted:
+            wanted = [s for s in wanted if s != "predictors"] + ["guidance", "evaluation_predictor"]
+        start = time.time()
+        for stage in STAGES:
+            if stage in wanted:
+                getattr(self, f"stage_{stage}")()
+        self.timing["total"] = time.time() - start
+        if _rank() == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / "timing.json", "w") as handle:
+                json.dump({"seconds": self.timing, "peak_memory_mb": self.peak_memory_mb}, handle, indent=2)
+            logger.info("Stage times (s): %s", {k: round(v, 1) for k, v in self.timing.items()})
+        return self.results
+
+    def _timed(self, stage: str, fn: Any) -> Any:
+        logger.info("Stage %s ...", stage)
+        start = time.time()
+        out = fn()
+        self.timing[stage] = self.timing.get(stage, 0.0) + time.time() - start
+        self.peak_memory_mb[stage] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        logger.info("Stage %s done in %.1f s", stage, self.timing[stage])
+        return out
+
+    def stage_data(self) -> None:
+        """Write the phantom once (rank 0) and load the splits."""
+        self._timed("data", self._prepare_data)
+
+    def _prepare_data(self) -> None:
+        if self.phantom is not None and _rank() == 0:
+            self._write_phantom()
+        _barrier()
+        if not self._datasets:
+            for split in ("train", "val", "test"):
+                self._datasets[split] = csv_dataset(
+                    self._csv(split),
+                    self.graph,
+                    spatial_size=self.spatial_size,
+                    cache=True,
+                    transforms=[_EngineImageKey(self.graph.image_key)],
+                    **self._datalist_kwargs(),
+                )
+            logger.info("Data: %s", {k: len(v) for k, v in self._datasets.items()})
+
+    def _write_phantom(self) -> None:
+        from monai_cf.data import SyntheticCXR
+
+        settings_file = self.dataset_dir / "phantom.json"
+        wanted = {"n_train": self.phantom["n_train"], "n_val": self.phantom["n_val"], "n_test": self.phantom["n_test"]}
+        if settings_file.is_file():
+            with open(settings_file) as handle:
+                written = json.load(handle)
+            counts = written.get("counts", {})
+            have = {f"n_{split}": counts.get(split) for split in ("train", "val", "test")} | {
+                "seed": written.get("seed")
+            }
+            want = wanted | {"seed": self.phantom["seed"]}
+            if have != want:
+                raise ValueError(
+                    f"dataset_dir '{self.dataset_dir}' holds a phantom written with {have}, but the config asks for "
+                    f"{want}: choose another dataset_dir or delete that one."
+                )
+            return
+        if self.dataset_dir.exists() and any(self.dataset_dir.iterdir()):
+            raise ValueError(
+                f"dataset_dir '{self.dataset_dir}' is not empty and holds no phantom; the phantom is only written to a "
+                "new or empty directory (for your own data set phantom to null)."
+            )
+        logger.info("Writing the phantom to %s", self.dataset_dir)
+        SyntheticCXR(spatial_size=self.spatial_size, seed=self.phantom["seed"]).write(self.dataset_dir, **wanted)
+
+    def _loader(self, split: str | Any, batch_size: int, shuffle: bool, across_ranks: bool = True) -> Any:
+        """A resumable loader over a split (or a dataset); ``across_ranks=False`` gives every process the whole
+        split (stages that run the same computation on every rank of a multi-process launch, so that all ranks
+        hold identical models)."""
+        dataset = self._datasets[split] if isinstance(split, str) else split
+        if across_ranks or not (dist.is_available() and dist.is_initialized()):
+            return create_data_loader(
+                dataset, batch_size=batch_size, shuffle=shuffle, seed=self.seed, num_workers=self.num_workers
+            )
+        sampler = ResumableDistributedSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=self.seed)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers)
+
+    def _handler_kwargs(self, stage: str) -> dict[str, Any]:
+        return {
+            "progress_bar": self.progress_bar and _rank() == 0,
+            "stats": False,
+            "tracking_uri": self.tracking_uri,
+            "experiment_name": self.experiment_name,
+            "run_name": stage,
+        }
+
+    # a stage file: weights + the settings that made them + an id later stages record as their input
+    def _save(self, name: str, state_dict: Mapping[str, Any], settings: Mapping, extra: Mapping | None = None) -> str:
+        """Write a stage file on rank 0; every rank returns the id rank 0 wrote."""
+        uid = uuid.uuid4().hex
+        if _rank() == 0:
+            self.models_dir.mkdir(parents=True, exist_ok=True)
+            path = self.models_dir / name
+            tmp = path.with_suffix(".tmp")
+            payload = {
+                "version": CHECKPOINT_VERSION,
+                "uid": uid,
+                "settings": _jsonable(settings),
+                "state_dict": dict(state_dict),
+                **dict(extra or {}),
+            }
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        _barrier()
+        return uid if _rank() == 0 else load_checkpoint(self.models_dir / name)["uid"]
+
+    def _reusable(self, stage: str, name: str, settings: Mapping) -> dict[str, Any] | None:
+        """The stage file when it can be reused, ``None`` when the stage must (re)train."""
+        path = self.models_dir / name
+        run_dir = self.models_dir / "runs" / name.removesuffix(".pt")
+        if stage in self.retrain:
+            if _rank() == 0:
+                if path.exists():
+                    logger.info("Retraining %s: replacing %s", stage, path)
+                    path.unlink()
+                shutil.rmtree(run_dir, ignore_errors=True)
+            _barrier()
+            return None
+        if not path.is_file():
+            self._check_run_dir(run_dir, settings)
+            return None
+        ckpt = load_checkpoint(path)
+        diff = _differences(ckpt["settings"], _jsonable(settings))
+        if diff:
+            raise ValueError(
+                f"'{path}' was trained with other settings ({'; '.join(diff[:6])}). Pass --retrain \"['{stage}']\" "
+                f"(or true for all stages) to replace it, or use another models_dir."
+            )
+        logger.info("Reusing %s (%s)", stage, path)
+        return ckpt
+
+    def _check_run_dir(self, run_dir: Path, settings: Mapping) -> None:
+        """An interrupted stage resumes only with the settings it started with."""
+        settings_file = run_dir / "settings.json"
+        if settings_file.is_file():
+            with open(settings_file) as handle:
+                old = json.load(handle)
+            diff = _differences(old, _jsonable(settings))
+            if diff:
+                raise ValueError(
+                    f"'{run_dir}' holds an interrupted run with other settings ({'; '.join(diff[:6])}); pass --retrain "
+                    "for this stage to start it afresh."
+                )
+        elif _rank() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            # written whole, then renamed: the other ranks check the same file and must never read half of it
+            partial = settings_file.with_suffix(".tmp")
+            with open(partial, "w") as handle:
+                json.dump(_jsonable(settings), handle, indent=1)
+            os.replace(partial, settings_file)
+
+    def _predictor_stage(self, stage: str, seed_offset: int) -> AttributePredictor:
+        name = f"{'guidance_predictor' if stage == 'guidance' else stage}.pt"
+        settings = self._stage_settings(stage) | {"role": stage}
+        predictor = self.build_predictor()
+        ckpt = self._reusable(stage, name, settings)
+        if ckpt is None:
+            self._prepare_data()
+            batch = int(self.predictor["batch_size"])
+            trainer = create_predictor_trainer(
+                predictor,
+                self._loader("train", batch, True, across_ranks=False),
+                self._loader("val", batch, False, across_ranks=False),
+                self.models_dir / "runs" / name.removesuffix(".pt"),
+                max_epochs=int(self.predictor["max_epochs"]),
+                lr=float(self.predictor["lr"]),
+                device=self.device,
+                seed=self.seed + seed_offset,
+                distributed=False,
+                **self._handler_kwargs(stage),
+            )
+            _run_together(trainer)
+            best = self.models_dir / "runs" / name.removesuffix(".pt") / BEST_CHECKPOINT
+            if best.is_file():
+                predictor.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["network"])
+            metrics = dict(trainer.evaluator.state.metrics) if trainer.evaluator is not None else {}
+            uid = self._save(name, predictor.state_dict(), settings, {"metrics": metrics})
+            logger.info("%s: %s", stage, {k: round(float(v), 3) for k, v in metrics.items()})
+        else:
+            predictor.load_state_dict(ckpt["state_dict"])
+            uid = ckpt["uid"]
+        if stage == "guidance":
+            self.guidance_uid = uid
+        return predictor.to(self.device).eval()
+
+    def stage_guidance(self) -> AttributePredictor:
+        """Train (or reuse) the guidance predictor that steers fine-tuning."""
+        self.guidance = self._timed("guidance", lambda: self._predictor_stage("guidance", 1))
+        return self.guidance
+
+    def stage_evaluation_predictor(self) -> AttributePredictor:
+        """Train (or reuse) the independent evaluation predictor that scores counterfactuals."""
+        self.evaluation_predictor = self._timed(
+            "evaluation_predictor", lambda: self._predictor_stage("evaluation_predictor", 2)
+        )
+        return self.evaluation_predictor
+
+    def stage_mechanisms(self) -> dict[str, Any]:
+        """Fit (or reuse) the attribute mechanisms by maximum likelihood."""
+        return self._timed("mechanisms", self._mechanisms_stage)
+
+    def _mechanisms_stage(self) -> dict[str, Any]:
+        settings = self._stage_settings("mechanisms")
+        scm = self.build_scm()
+        ckpt = self._reusable("mechanisms", "mechanisms.pt", settings)
+        if ckpt is None:
+            self._prepare_data()
+            batch = int(self.mechanisms["batch_size"])
+            trainer = create_mechanism_trainer(
+                scm,
+                self._loader(AttributeTable(self._datasets["train"], self.graph), batch, True, across_ranks=False),
+                self._loader(AttributeTable(self._datasets["val"], self.graph), batch, False, across_ranks=False),
+                self.models_dir / "runs" / "mechanisms",
+                max_epochs=int(self.mechanisms["max_epochs"]),
+                lr=float(self.mechanisms["lr"]),
+                device=self.device,
+                seed=self.seed,
+                distributed=False,
+                **self._handler_kwargs("mechanisms"),
+            )
+            _run_together(trainer)
+            state = {k: v.cpu() for k, v in scm.mechanisms.state_dict().items()}
+            uid = self._save("mechanisms.pt", state, settings)
+            ckpt = {"uid": uid, "state_dict": state}
+        self.mechanisms_state = ckpt["state_dict"]
+        self.mechanisms_uid = ckpt["uid"]
+        return self.mechanisms_state
+
+    def stage_hvae(self) -> DeepSCM:
+        """Train (or reuse) the HVAE image mechanism; ``self.pretrained`` holds the (EMA) weights."""
+        return self._timed("hvae", self._hvae_stage)
+
+    def _hvae_stage(self) -> DeepSCM:
+        settings = self._stage_settings("hvae")
+        scm = self.build_scm()
+        ckpt = self._reusable("hvae", "hvae.pt", settings)
+        if ckpt is None:
+            self._prepare_data()
+            training = dict(self.hvae_training)
+            trainer = create_hvae_trainer(
+                scm,
+                self._loader("train", self.batch_size, True),
+                self._loader("val", self.batch_size, False),
+                self.models_dir / "runs" / "hvae",
+                max_epochs=int(training.pop("max_epochs")),
+                device=self.device,
+                seed=self.seed,
+                **training,
+                **self._handler_kwargs("hvae"),
+            )
+            _run_together(trainer)
+            model = trainer.ema.module if trainer.ema is not None else scm.image_model
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            uid = self._save("hvae.pt", state, settings, {"image_model": _jsonable(self.image_model_config)})
+            _barrier()
+            ckpt = {"uid": uid, "state_dict": state}
+        self.pretrained_state = ckpt["state_dict"]
+        self.hvae_uid = ckpt["uid"]
+        scm.image_model.load_state_dict(self.pretrained_state)
+        return scm
+
+    def _scm_with(self, image_state: Mapping[str, Any]) -> DeepSCM:
+        scm = self.build_scm()
+        scm.mechanisms.load_state_dict(self.mechanisms_state)
+        scm.image_model.load_state_dict(image_state)
+        return scm.to(self.device)
+
+    def stage_cft(self) -> dict[str, DeepSCM]:
+        """Fine-tune the pretrained HVAE once per mode (none / hard / soft); returns ``{mode: DeepSCM}``."""
+        return self._timed("cft", self._cft_stage)
+
+    def _cft_stage(self) -> dict[str, DeepSCM]:
+        if not hasattr(self, "pretrained_state"):
+            self.stage_hvae()
+        if not hasattr(self, "mechanisms_state"):
+            self.stage_mechanisms()
+        if any(m != "none" or self.cft["fine_tune_none"] for m in self.cft["modes"]) and not hasattr(self, "guidance"):
+            self.stage_guidance()
+        options = {k: v for k, v in self.cft.items() if k not in ("modes", "fine_tune_none")}
+        self.tuned: dict[str, DeepSCM] = {}
+        epsilon = None
+        for mode in self.cft["modes"]:
+            if mode == "none" and not self.cft["fine_tune_none"]:
+                self.tuned[mode] = self._scm_with(self.pretrained_state).eval()
+                continue
+            name = CFT_FILE.format(mode=mode)
+            stage_key = f"cft_{mode}"
+            settings = {
+                "mode": mode,
+                "cft": options,
+                "batch_size": self.batch_size,
+                "seed": self.seed,
+                "hvae": self.hvae_uid,
+                "guidance": getattr(self, "guidance_uid", None),
+            }
+            ckpt = self._reusable_upstream("cft", name, settings)
+            if ckpt is None:
+                self._prepare_data()
+                scm = self._scm_with(self.pretrained_state)
+                train = self._loader("train", self.batch_size, True)
+                if epsilon is None:
+                    epsilon = measure_nelbo(scm, train, 20, self.device)
+                opts = dict(options)
+                tuner = create_cft_trainer(
+                    scm,
+                    self.guidance,
+                    train,
+                    mode=mode,
+                    output_dir=self.models_dir / "runs" / name.removesuffix(".pt"),
+                    max_epochs=int(opts.pop("max_epochs")),
+                    elbo_constraint=epsilon,
+                    device=self.device,
+                    seed=self.seed,
+                    **opts,
+                    **self._handler_kwargs(stage_key),
+                )
+                _run_together(tuner)
+                model = tuner.ema.module if tuner.ema is not None else scm.image_model
+                state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+                self._save(
+                    name,
+                    state,
+                    settings,
+                    {"image_model": _jsonable(self.image_model_config), "elbo_constraint": epsilon},
+                )
+                _barrier()
+                ckpt = {"state_dict": state}
+            self.tuned[mode] = self._scm_with(ckpt["state_dict"]).eval()
+        return self.tuned
+
+    def _reusable_upstream(self, stage: str, name: str, settings: Mapping) -> dict[str, Any] | None:
+        """Like :meth:`_reusable`, but a file made from an earlier upstream model is retrained, not an error."""
+        path = self.models_dir / name
+        if stage not in self.retrain and path.is_file():
+            old = load_checkpoint(path)["settings"]
+            upstream = {k: old.get(k) for k in ("hvae", "guidance")}
+            if upstream != {k: settings[k] for k in ("hvae", "guidance")}:
+                logger.info("%s was fine-tuned from earlier models; fine-tuning again.", path)
+                if _rank() == 0:
+                    path.unlink()
+                    shutil.rmtree(self.models_dir / "runs" / name.removesuffix(".pt"), ignore_errors=True)
+                _barrier()
+                self._check_run_dir(self.models_dir / "runs" / name.removesuffix(".pt"), settings)
+                return None
+        return self._reusable(stage, name, settings)
+
+    def stage_evaluate(self) -> dict[str, Any] | None:
+        """Evaluate every fine-tuning mode on the test split; writes metrics.json, report.md and figures."""
+        return self._timed("evaluate", self._evaluate_stage)
+
+    def _evaluate_stage(self) -> dict[str, Any] | None:
+        if not hasattr(self, "tuned"):
+            self.stage_cft()
+        if not hasattr(self, "evaluation_predictor"):
+            self.stage_evaluation_predictor()
+        self._prepare_data()  # holds a barrier: every rank must pass it before the others return
+        if _rank() != 0:
+            return None
+        options = dict(self.evaluation)
+        batch = int(options.pop("batch_size"))
+        # rank 0 alone evaluates: on the whole test split, not its shard of a multi-process launch
+        test = self._loader("test", batch, False, across_ranks=False)
+        phantom_kwargs: dict[str, Any] = {}
+        if self.phantom is not None:
+            from monai_cf.data import SyntheticCXR
+
+            phantom_kwargs = {
+                "phantom": SyntheticCXR.from_directory(self.dataset_dir),
+                "phantom_noise": SyntheticCXR.read_noise(self.dataset_dir, "test"),
+            }
+        run_id = None
+        if self.tracking_uri is not None:
+            run_id = self._mlflow_run("evaluate")
+        evaluator = CounterfactualEvaluator(
+            self.graph,
+            test,
+            self.evaluation_predictor,
+            self.tuned,
+            device=self.device,
+            output_dir=str(self.output_dir),
+            tracking_uri=self.tracking_uri,
+            run_id=run_id,
+            image_key=ENGINE_IMAGE_KEY,
+            seed=options.pop("seed", self.seed),
+            **phantom_kwargs,
+            **options,
+        )
+        evaluator.run()
+        self.results = evaluator.results
+        logger.info("Amplification: %s", {k: round(v, 4) for k, v in self.results["amplification"].items()})
+        return self.results
+
+    def _mlflow_run(self, name: str) -> str:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.tracking_uri)
+        experiment = client.get_experiment_by_name(self.experiment_name)
+        experiment_id = (
+            experiment.experiment_id if experiment is not None else client.create_experiment(self.experiment_name)
+        )
+        run = client.create_run(experiment_id, run_name=name)
+        client.set_terminated(run.info.run_id)
+        return run.info.run_id

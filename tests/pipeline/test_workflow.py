@@ -1,0 +1,406 @@
+# Copyright (c) monai_cf contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The cxr_soft_cft bundle end to end through MONAI's bundle entry point, with a few iterations per stage."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from monai_cf.pipeline import STAGES, CounterfactualPipeline, load_checkpoint
+from tests.pipeline.helpers import (
+    INFERENCE,
+    OWN_COLUMNS,
+    OWN_GRAPH,
+    OWN_VALUE_MAPS,
+    STAGE_FILES,
+    TINY,
+    TRAIN,
+    cli,
+    is_png,
+    messages,
+    read_csv,
+    run_bundle,
+    write_own_dataset,
+)
+
+CF_TYPES = ["none", "hard", "soft"]
+PHANTOM_ATTRIBUTES = ["sex", "race", "age", "disease"]
+
+
+def _stage_files(models_dir: Path) -> dict[str, tuple[str, int]]:
+    return {
+        name: (load_checkpoint(models_dir / name)["uid"], (models_dir / name).stat().st_mtime_ns)
+        for name in STAGE_FILES
+    }
+
+
+@pytest.fixture(scope="module")
+def phantom_run(tmp_path_factory):
+    """The whole pipeline on a tiny phantom; ``progress_bar`` as the command line delivers ``false``."""
+    root = tmp_path_factory.mktemp("phantom_bundle")
+    start = time.time()
+    run_bundle(TRAIN, bundle_root=str(root), **{**TINY, "progress_bar": "false"})
+    timing = json.loads((root / "eval" / "timing.json").read_text())["seconds"]
+    return {"root": root, "seconds": time.time() - start, "timing": timing}
+
+
+@pytest.fixture(scope="module")
+def own_run(tmp_path_factory):
+    """The pipeline on a generated CSV data set with its own graph, run from the command line as a user would."""
+    data = write_own_dataset(tmp_path_factory.mktemp("own_data"))
+    root = tmp_path_factory.mktemp("own_bundle")
+    result = cli(
+        "--config_file",
+        str(TRAIN),
+        "--bundle_root",
+        str(root),
+        "--dataset_dir",
+        str(data),
+        "--phantom",
+        "null",
+        "--graph",
+        repr(OWN_GRAPH),
+        "--data",
+        repr({"columns": OWN_COLUMNS, "value_maps": OWN_VALUE_MAPS}),
+        "--batch_size",
+        "16",
+        "--predictor#max_epochs",
+        "1",
+        "--mechanisms#max_epochs",
+        "1",
+        "--hvae_training#max_epochs",
+        "1",
+        "--cft#max_epochs",
+        "1",
+        "--evaluation",
+        repr(TINY["evaluation"]),
+        "--progress_bar",
+        "false",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {"root": root, "data": data, "result": result}
+
+
+# ------------------------------------------------------------------------------------------------ phantom
+def test_whole_pipeline_writes_every_output(phantom_run):
+    root = phantom_run["root"]
+    eval_dir, models_dir = root / "eval", root / "models"
+
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert {"config", "baseline", "effectiveness", "amplification", "amplification_detail", "composition"} <= set(
+        metrics
+    )
+    assert {"ground_truth", "embedding_shift", "realism", "timing"} <= set(metrics)
+    assert metrics["config"]["num_samples"] == 16
+    assert metrics["config"]["cf_types"] == CF_TYPES
+    assert metrics["config"]["interventions"] == PHANTOM_ATTRIBUTES
+    baseline = metrics["baseline"]
+    assert set(baseline) == set(PHANTOM_ATTRIBUTES)
+    assert all(0.0 <= baseline[a] <= 1.0 for a in ("sex", "race", "disease")) and baseline["age"] >= 0.0
+    for attribute in PHANTOM_ATTRIBUTES:
+        assert set(metrics["effectiveness"][attribute]) == set(CF_TYPES)
+        for cf_type in CF_TYPES:
+            scores = metrics["effectiveness"][attribute][cf_type]
+            assert set(scores) == set(PHANTOM_ATTRIBUTES)
+            assert all(math.isfinite(v) for v in scores.values())
+            truth = metrics["ground_truth"][attribute][cf_type]
+            assert truth["l1"] >= 0.0 and 0.0 < truth["ssim"] <= 1.0 and truth["psnr"] > 0.0
+    # the amplification terms: AUC change on the unintervened, non-descendant discrete attributes
+    detail = metrics["amplification_detail"]
+    assert {k: sorted(detail[k]["hard"]) for k in PHANTOM_ATTRIBUTES} == {
+        "sex": ["disease", "race"],
+        "race": ["disease", "sex"],
+        "age": ["race", "sex"],  # disease descends from age
+        "disease": ["race", "sex"],
+    }
+    for cf_type in CF_TYPES:
+        terms = []
+        for k in PHANTOM_ATTRIBUTES:
+            for a, term in detail[k][cf_type].items():
+                assert term == pytest.approx(metrics["effectiveness"][k][cf_type][a] - baseline[a], abs=1e-9)
+                terms.append(term)
+        assert metrics["amplification"][cf_type] == pytest.approx(sum(terms) / len(terms), abs=1e-9)
+    assert 0.0 <= metrics["ground_truth"]["age"]["soft"]["descendants"]["disease"] <= 1.0
+    assert set(metrics["composition"]) == set(CF_TYPES) and metrics["timing"]["total_s"] > 0.0
+
+    report = (eval_dir / "report.md").read_text()
+    table = report.split("## Table 1")[1].split("\n## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert sum("Real images" in r for r in rows) == 1
+    for label in ("No CFT", "Hard-CFT", "Soft-CFT"):
+        assert sum(f"| {label} |" in r for r in rows) == 4, label
+    for k in PHANTOM_ATTRIBUTES:
+        assert any(r.startswith(f"| do({k}) |") for r in rows), k
+    sex_row = next(r for r in rows if r.startswith("| do(sex) | No CFT"))
+    assert f"**{100 * metrics['effectiveness']['sex']['none']['sex']:.1f} " in sex_row
+
+    figures = {p.name for p in eval_dir.glob("*.png")}
+    assert {f"counterfactuals_{t}.png" for t in CF_TYPES + ["ground_truth"]} <= figures
+    assert {f"embedding_{a}.png" for a in ("sex", "race", "disease")} <= figures
+    assert all(is_png(eval_dir / name) for name in figures)
+
+    timing = json.loads((eval_dir / "timing.json").read_text())
+    assert set(timing["seconds"]) == set(STAGES) | {"total"}
+    assert set(timing["peak_memory_mb"]) == set(STAGES)
+    assert all(v >= 0.0 for v in timing["seconds"].values())
+    assert timing["seconds"]["total"] >= timing["seconds"]["hvae"] + timing["seconds"]["cft"]
+
+    checkpoints = {name: load_checkpoint(models_dir / name) for name in STAGE_FILES}
+    assert not (models_dir / "hvae_cft_none.pt").exists()  # "none" is the pretrained HVAE
+    for name, ckpt in checkpoints.items():
+        assert len(ckpt["uid"]) == 32 and ckpt["settings"] and ckpt["state_dict"], name
+        assert all(torch.is_tensor(v) for v in ckpt["state_dict"].values()), name
+    assert checkpoints["hvae.pt"]["settings"]["training"]["max_epochs"] == 1
+    assert checkpoints["hvae.pt"]["settings"]["phantom"] == TINY["phantom"]
+    assert checkpoints["hvae.pt"]["image_model"]["preset"] == "small32"
+    for mode in ("hard", "soft"):
+        settings = checkpoints[f"hvae_cft_{mode}.pt"]["settings"]
+        assert settings["mode"] == mode
+        assert settings["hvae"] == checkpoints["hvae.pt"]["uid"]
+        assert settings["guidance"] == checkpoints["guidance_predictor.pt"]["uid"]
+    assert checkpoints["guidance_predictor.pt"]["settings"]["role"] == "guidance"
+    assert "metrics" in checkpoints["evaluation_predictor.pt"]
+    assert json.loads((root / "data" / "phantom" / "phantom.json").read_text())["seed"] == 0
+
+
+def test_second_run_retrains_nothing(phantom_run):
+    root = phantom_run["root"]
+    before = _stage_files(root / "models")
+    amplification = json.loads((root / "eval" / "metrics.json").read_text())["amplification"]
+    start = time.time()
+    run_bundle(TRAIN, bundle_root=str(root), **TINY)
+    assert time.time() - start < phantom_run["seconds"]
+    assert _stage_files(root / "models") == before
+    timing = json.loads((root / "eval" / "timing.json").read_text())["seconds"]
+    trained = ("guidance", "evaluation_predictor", "mechanisms", "hvae", "cft")
+    assert sum(timing[s] for s in trained) < 0.25 * sum(phantom_run["timing"][s] for s in trained)
+    # the same models and the seeded evaluation give the same numbers
+    again = json.loads((root / "eval" / "metrics.json").read_text())["amplification"]
+    assert again == pytest.approx(amplification, abs=1e-9)
+
+
+def test_changed_setting_without_retrain_names_the_difference(phantom_run, tmp_path):
+    root = phantom_run["root"]
+    before = _stage_files(root / "models")
+    settings = {**TINY, "hvae_training#max_epochs": 2}
+    with pytest.raises(Exception) as error:
+        run_bundle(TRAIN, run_id="run_hvae", bundle_root=str(root), output_dir=str(tmp_path), **settings)
+    text = messages(error.value)
+    assert "hvae.pt" in text and "training.max_epochs: 1 -> 2" in text and "--retrain" in text
+    assert _stage_files(root / "models") == before
+
+
+def test_retrain_hvae_fine_tunes_again_and_keeps_the_predictors(phantom_run, tmp_path):
+    root = phantom_run["root"]
+    models = tmp_path / "models"
+    shutil.copytree(root / "models", models)
+    before = _stage_files(models)
+    run_bundle(
+        TRAIN,
+        run_id="run_cft",
+        bundle_root=str(root),
+        models_dir=str(models),
+        output_dir=str(tmp_path),
+        **TINY,
+        retrain=["hvae"],
+    )
+    after = _stage_files(models)
+    for name in ("guidance_predictor.pt", "evaluation_predictor.pt", "mechanisms.pt"):
+        assert after[name] == before[name], name
+    for name in ("hvae.pt", "hvae_cft_hard.pt", "hvae_cft_soft.pt"):
+        assert after[name][0] != before[name][0], name
+    hvae_uid = after["hvae.pt"][0]
+    assert all(load_checkpoint(models / f"hvae_cft_{m}.pt")["settings"]["hvae"] == hvae_uid for m in ("hard", "soft"))
+
+
+def test_interrupted_stage_resumes_from_its_checkpoint(phantom_run, tmp_path):
+    root = phantom_run["root"]
+    models = tmp_path / "models"
+    shutil.copytree(root / "models", models)
+    for name in ("hvae.pt", "hvae_cft_hard.pt", "hvae_cft_soft.pt"):
+        (models / name).unlink()  # as if the run stopped before the HVAE stage wrote its file
+    # mark the last checkpoint: the resumed stage must carry the mark, a stage trained afresh could not
+    checkpoints = sorted((models / "runs" / "hvae").glob("checkpoint_*iteration=*.pt"))
+    assert checkpoints
+    for path in checkpoints:
+        ckpt = torch.load(path, weights_only=True)
+        for part in ("network", "ema"):
+            for key, value in ckpt.get(part, {}).items():
+                if key.endswith("encoder.stem.bias"):
+                    value.add_(100.0)
+        torch.save(ckpt, path)
+    old = load_checkpoint(root / "models" / "hvae.pt")["state_dict"]["encoder.stem.bias"]
+    run_bundle(
+        TRAIN, run_id="run_hvae", bundle_root=str(root), models_dir=str(models), output_dir=str(tmp_path), **TINY
+    )
+    resumed = load_checkpoint(models / "hvae.pt")["state_dict"]["encoder.stem.bias"]
+    torch.testing.assert_close(resumed, old + 100.0)
+
+
+def test_interrupted_stage_with_other_settings_is_refused(phantom_run, tmp_path):
+    root = phantom_run["root"]
+    models = tmp_path / "models"
+    shutil.copytree(root / "models", models)
+    (models / "hvae.pt").unlink()
+    with pytest.raises(Exception) as error:
+        run_bundle(
+            TRAIN,
+            run_id="run_hvae",
+            bundle_root=str(root),
+            models_dir=str(models),
+            output_dir=str(tmp_path),
+            **{**TINY, "hvae_training#lr": 0.002},
+        )
+    text = messages(error.value)
+    assert "interrupted run with other settings" in text and "training.lr: 0.001 -> 0.002" in text
+    assert not (models / "hvae.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------------ own data
+def test_own_data_with_another_graph(own_run):
+    root, result = own_run["root"], own_run["result"]
+    assert "%|" not in result.stderr  # --progress_bar false arrives as the string 'false'
+    assert "Data: {'train': 64, 'val': 32, 'test': 32}" in result.stdout + result.stderr
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    assert metrics["config"]["interventions"] == ["scanner", "thickness", "lesion"]
+    assert metrics["config"]["attribute_kinds"] == {
+        "scanner": "categorical",
+        "thickness": "continuous",
+        "lesion": "binary",
+    }
+    assert metrics["config"]["num_samples"] == 32
+    assert not metrics.get("ground_truth")  # real data: no true counterfactuals
+    assert set(metrics["baseline"]) == {"scanner", "thickness", "lesion"}
+    assert set(metrics["amplification"]) == set(CF_TYPES)
+    # lesion descends from both roots and thickness is continuous: scanner is the only attribute amplification can
+    # touch, under do(thickness) and do(lesion)
+    detail = metrics["amplification_detail"]
+    assert {k: sorted(v["soft"]) for k, v in detail.items() if v.get("soft")} == {
+        "thickness": ["scanner"],
+        "lesion": ["scanner"],
+    }
+    assert all(math.isfinite(metrics["amplification"][t]) for t in CF_TYPES)
+    report = (root / "eval" / "report.md").read_text()
+    assert "do(thickness)" in report and "Soft-CFT" in report
+    hvae = load_checkpoint(root / "models" / "hvae.pt")
+    assert hvae["settings"]["graph"]["scan"]["parents"] == ["scanner", "thickness", "lesion"]
+    assert hvae["settings"]["phantom"] is None
+    assert all((root / "models" / name).is_file() for name in STAGE_FILES)
+    assert not (own_run["data"] / "phantom.json").exists()
+
+
+def test_own_data_inference(own_run):
+    root, data = own_run["root"], own_run["data"]
+    run_bundle(
+        INFERENCE,
+        bundle_root=str(root),
+        dataset_dir=str(data),
+        do="{'thickness': 4.5}",
+        columns=OWN_COLUMNS,
+        value_maps=OWN_VALUE_MAPS,
+    )
+    out = root / "eval" / "counterfactuals"
+    rows = read_csv(out / "counterfactuals.csv")
+    assert len(rows) == 32 and len(list((out / "images").glob("*.png"))) == 32
+    sources = read_csv(data / "test.csv")
+    for row, source in zip(rows, sources):
+        assert float(row["cf_thickness"]) == pytest.approx(4.5)
+        assert float(row["thickness"]) == pytest.approx(float(source["slice_mm"]), abs=1e-3)
+        assert row["scanner"] == row["cf_scanner"] == source["Scanner Model"].lower()
+        assert row["lesion"] == OWN_VALUE_MAPS["lesion"][source["lesion_flag"]]
+        assert row["cf_lesion"] in ("absent", "present")
+
+
+def test_own_data_unknown_do_attribute_fails_fast_from_the_cli(own_run):
+    result = cli(
+        "--config_file", str(INFERENCE), "--bundle_root", str(own_run["root"]), "--dataset_dir", str(own_run["data"]),
+        "--do", "{'age': 50}", timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "unknown attributes ['age']" in result.stderr and "'scanner', 'thickness', 'lesion'" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.fixture(scope="module")
+def small_own_data(tmp_path_factory):
+    return write_own_dataset(tmp_path_factory.mktemp("small_own"), counts=(8, 4, 4))
+
+
+CYCLE = {
+    "a": {"kind": "binary", "parents": ["b"]},
+    "b": {"kind": "binary", "parents": ["a"]},
+    "image": {"kind": "image", "parents": ["a", "b"]},
+}
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing_column", "missing column 'thickness_mm' for 'thickness'"),
+        ("cycle", "cycle through variable"),
+        ("missing_dataset_dir", "does not exist"),
+        ("phantom_with_own_graph", "The phantom generates the 'mimic_cxr' graph"),
+    ],
+)
+def test_bad_training_input_fails_before_training(case, expected, small_own_data, tmp_path):
+    own = {"graph": OWN_GRAPH, "phantom": "null", "dataset_dir": str(small_own_data)}
+    overrides = {
+        "missing_column": {
+            **own,
+            "data": {"columns": {**OWN_COLUMNS, "thickness": "thickness_mm"}, "value_maps": OWN_VALUE_MAPS},
+        },
+        "cycle": {**own, "graph": CYCLE},
+        "missing_dataset_dir": {**own, "dataset_dir": str(tmp_path / "nowhere")},
+        "phantom_with_own_graph": {"graph": OWN_GRAPH, "dataset_dir": str(tmp_path / "phantom")},
+    }[case]
+    start = time.time()
+    with pytest.raises(Exception) as error:
+        run_bundle(TRAIN, bundle_root=str(tmp_path), **{**TINY, **overrides})
+    assert time.time() - start < 15
+    assert expected in messages(error.value)
+    assert not (tmp_path / "models").exists() and not (tmp_path / "eval").exists()
+    assert not (tmp_path / "phantom").exists()
+
+
+def test_unknown_do_attribute_fails_fast(phantom_run, tmp_path):
+    start = time.time()
+    with pytest.raises(Exception) as error:
+        run_bundle(INFERENCE, bundle_root=str(phantom_run["root"]), output_dir=str(tmp_path / "cf"), do="{'height': 3}")
+    assert time.time() - start < 15
+    assert "unknown attributes ['height']" in messages(error.value)
+    assert not (tmp_path / "cf").exists()
+
+
+# ------------------------------------------------------------------------------------------------ CLI values
+def test_command_line_strings_for_booleans_and_null(small_own_data, tmp_path):
+    common = {"graph": OWN_GRAPH, "data": {"columns": OWN_COLUMNS, "value_maps": OWN_VALUE_MAPS}}
+    pipeline = CounterfactualPipeline(
+        small_own_data, tmp_path, phantom="null", progress_bar="false", retrain="true",
+        cft={"fine_tune_none": "false"}, **common,
+    )  # fmt: skip
+    assert pipeline.phantom is None and pipeline.progress_bar is False and pipeline.cft["fine_tune_none"] is False
+    assert pipeline.retrain == set(STAGES) - {"data"}
+    pipeline = CounterfactualPipeline(
+        small_own_data, tmp_path, phantom=None, progress_bar="True", retrain="False", **common
+    )
+    assert pipeline.progress_bar is True and pipeline.retrain == set()
+    assert CounterfactualPipeline(small_own_data, tmp_path, phantom=None, retrain="hvae", **common).retrain == {"hvae"}
+    predictors = CounterfactualPipeline(small_own_data, tmp_path, phantom=None, retrain=["predictors"], **common)
+    assert predictors.retrain == {"guidance", "evaluation_predictor"}
+    with pytest.raises(ValueError, match="retrain names unknown stages"):
+        CounterfactualPipeline(small_own_data, tmp_path, phantom=None, retrain="yes", **common)
