@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from .augmentation import AugmentationStudy, biased_subset, run_augmentation_study, subgroup_auc
 from .inference import IMAGE_SUFFIXES, CounterfactualInference, load_scm, parse_intervention
 from .workflow import CFT_FILE, STAGES, CounterfactualPipeline, load_checkpoint, locate_bundle_root
 
@@ -19,10 +20,14 @@ __all__ = [
     "CFT_FILE",
     "IMAGE_SUFFIXES",
     "STAGES",
+    "AugmentationStudy",
     "CounterfactualInference",
     "CounterfactualPipeline",
+    "biased_subset",
     "load_checkpoint",
     "load_scm",
     "locate_bundle_root",
     "parse_intervention",
+    "run_augmentation_study",
+    "subgroup_auc",
 ]
