@@ -65,14 +65,14 @@ ENGINE_IMAGE_KEY = "image"
 
 DEFAULT_DATA = {"train_csv": "train.csv", "val_csv": "val.csv", "test_csv": "test.csv"}
 DEFAULT_PHANTOM = {"n_train": 4000, "n_val": 300, "n_test": 500, "seed": 0}
-DEFAULT_PREDICTOR = {"backbone": "small_cnn", "max_epochs": 5, "lr": 1e-3, "batch_size": 64}
+DEFAULT_PREDICTOR = {"backbone": "small_cnn", "max_epochs": 10, "lr": 1e-3, "batch_size": 64}
 DEFAULT_MECHANISMS = {"max_epochs": 30, "lr": 3e-3, "batch_size": 256}
 DEFAULT_HVAE_TRAINING = {"max_epochs": 8, "lr": 1e-3}
 DEFAULT_CFT = {
     "modes": ["none", "hard", "soft"],
     "fine_tune_none": False,
-    "max_epochs": 3,
-    "lr": 1e-3,
+    "max_epochs": 4,
+    "lr": 3e-4,
     "ema_rate": None,
 }
 DEFAULT_EVALUATION = {"batch_size": 100}
