@@ -87,6 +87,16 @@ def model_inputs(
     return x, pa, image
 
 
+def _bind_image_model(
+    engine: Engine, network: nn.Module, image_model: HVAE, scm: DeepSCM | None, image_range: Sequence[float]
+) -> None:
+    """The model attributes the HVAE engines' iterations read (the DeepSCM's image range wins when there is one)."""
+    engine.network = network
+    engine.image_model = image_model
+    engine.scm = scm
+    engine.image_range = tuple(float(v) for v in (scm.image_range if scm is not None else image_range))
+
+
 class HVAETrainer(Trainer):
     """Train the HVAE image mechanism by its negative ELBO, as the reference causal-gen training does.
 
@@ -215,10 +225,7 @@ class HVAETrainer(Trainer):
             amp_kwargs=amp_kwargs,
             **extra,
         )
-        self.network = network
-        self.image_model = image_model
-        self.scm = scm
-        self.image_range = tuple(float(v) for v in (scm.image_range if scm is not None else image_range))
+        _bind_image_model(self, network, image_model, scm, image_range)
         if distributed is None:
             distributed = is_distributed()
         if isinstance(network, nn.parallel.DistributedDataParallel):
@@ -397,10 +404,7 @@ class HVAEEvaluator(Evaluator):
             to_kwargs=to_kwargs,
             amp_kwargs=amp_kwargs,
         )
-        self.network = network
-        self.image_model = image_model
-        self.scm = scm
-        self.image_range = tuple(float(v) for v in (scm.image_range if scm is not None else image_range))
+        _bind_image_model(self, network, image_model, scm, image_range)
         self.beta = beta
         self.free_bits = free_bits
         self.seed = int(seed)

@@ -17,6 +17,7 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -57,6 +58,20 @@ def phantom_run(tmp_path_factory):
     run_bundle(TRAIN, bundle_root=str(root), **{**TINY, "progress_bar": "false"})
     timing = json.loads((root / "eval" / "timing.json").read_text())["seconds"]
     return {"root": root, "seconds": time.time() - start, "timing": timing}
+
+
+@pytest.fixture
+def models_copy(phantom_run, tmp_path):
+    """A private copy of the phantom run's models directory (the tests that change it must not share it)."""
+    models = tmp_path / "models"
+    shutil.copytree(phantom_run["root"] / "models", models)
+    return models
+
+
+def _rerun_on_copy(phantom_run: dict, models: Path, out: Path, run_id: str, **overrides: Any) -> None:
+    """A stage of the phantom run again, on a copy of its models directory."""
+    paths = {"bundle_root": str(phantom_run["root"]), "models_dir": str(models), "output_dir": str(out)}
+    run_bundle(TRAIN, run_id=run_id, **paths, **TINY, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -205,20 +220,10 @@ def test_changed_setting_without_retrain_names_the_difference(phantom_run, tmp_p
     assert _stage_files(root / "models") == before
 
 
-def test_retrain_hvae_fine_tunes_again_and_keeps_the_predictors(phantom_run, tmp_path):
-    root = phantom_run["root"]
-    models = tmp_path / "models"
-    shutil.copytree(root / "models", models)
+def test_retrain_hvae_fine_tunes_again_and_keeps_the_predictors(phantom_run, models_copy, tmp_path):
+    models = models_copy
     before = _stage_files(models)
-    run_bundle(
-        TRAIN,
-        run_id="run_cft",
-        bundle_root=str(root),
-        models_dir=str(models),
-        output_dir=str(tmp_path),
-        **TINY,
-        retrain=["hvae"],
-    )
+    _rerun_on_copy(phantom_run, models, tmp_path, "run_cft", retrain=["hvae"])
     after = _stage_files(models)
     for name in ("guidance_predictor.pt", "evaluation_predictor.pt", "mechanisms.pt"):
         assert after[name] == before[name], name
@@ -228,10 +233,8 @@ def test_retrain_hvae_fine_tunes_again_and_keeps_the_predictors(phantom_run, tmp
     assert all(load_checkpoint(models / f"hvae_cft_{m}.pt")["settings"]["hvae"] == hvae_uid for m in ("hard", "soft"))
 
 
-def test_interrupted_stage_resumes_from_its_checkpoint(phantom_run, tmp_path):
-    root = phantom_run["root"]
-    models = tmp_path / "models"
-    shutil.copytree(root / "models", models)
+def test_interrupted_stage_resumes_from_its_checkpoint(phantom_run, models_copy, tmp_path):
+    root, models = phantom_run["root"], models_copy
     for name in ("hvae.pt", "hvae_cft_hard.pt", "hvae_cft_soft.pt"):
         (models / name).unlink()  # as if the run stopped before the HVAE stage wrote its file
     # mark the last checkpoint: the resumed stage must carry the mark, a stage trained afresh could not
@@ -245,27 +248,16 @@ def test_interrupted_stage_resumes_from_its_checkpoint(phantom_run, tmp_path):
                     value.add_(100.0)
         torch.save(ckpt, path)
     old = load_checkpoint(root / "models" / "hvae.pt")["state_dict"]["encoder.stem.bias"]
-    run_bundle(
-        TRAIN, run_id="run_hvae", bundle_root=str(root), models_dir=str(models), output_dir=str(tmp_path), **TINY
-    )
+    _rerun_on_copy(phantom_run, models, tmp_path, "run_hvae")
     resumed = load_checkpoint(models / "hvae.pt")["state_dict"]["encoder.stem.bias"]
     torch.testing.assert_close(resumed, old + 100.0)
 
 
-def test_interrupted_stage_with_other_settings_is_refused(phantom_run, tmp_path):
-    root = phantom_run["root"]
-    models = tmp_path / "models"
-    shutil.copytree(root / "models", models)
+def test_interrupted_stage_with_other_settings_is_refused(phantom_run, models_copy, tmp_path):
+    models = models_copy
     (models / "hvae.pt").unlink()
     with pytest.raises(Exception) as error:
-        run_bundle(
-            TRAIN,
-            run_id="run_hvae",
-            bundle_root=str(root),
-            models_dir=str(models),
-            output_dir=str(tmp_path),
-            **{**TINY, "hvae_training#lr": 0.002},
-        )
+        _rerun_on_copy(phantom_run, models, tmp_path, "run_hvae", **{"hvae_training#lr": 0.002})
     text = messages(error.value)
     assert "interrupted run with other settings" in text and "training.lr: 0.001 -> 0.002" in text
     assert not (models / "hvae.pt").exists()

@@ -1057,7 +1057,7 @@ class HVAE(nn.Module):
             # the ELBO and the abduction read the same encoder features: one encoder pass serves both
             features = self.encoder(x)
             terms = self._elbo(x, pa, beta, free_bits, features)
-            terms["x_cf"] = self._counterfactual(x, pa, pa_cf, features=features)
+            terms["x_cf"] = self.counterfactual(x, pa, pa_cf, encoder_features=features)
         return terms
 
     def elbo(
@@ -1164,6 +1164,8 @@ class HVAE(nn.Module):
         posterior_mean: bool = False,
         latents: Sequence[torch.Tensor] | None = None,
         noise_temperature: float = 1.0,
+        *,
+        encoder_features: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Counterfactual images ``x*`` of ``x`` under new parents ``pa_cf``.
 
@@ -1181,53 +1183,38 @@ class HVAE(nn.Module):
             posterior_mean: abduct the latents by their posterior means (deterministic counterfactuals).
             latents: already abducted latents to use instead of abducting them again.
             noise_temperature: multiplies the abducted pixel noise (1 keeps the null intervention exact).
+            encoder_features: ``self.encoder(x)`` computed already, e.g. for the ELBO of the same images (one
+                encoder pass then serves both).
         """
         self._check_image(x)
         with self._precision_context(x.device):
-            return self._counterfactual(x, pa, pa_cf, posterior_mean, latents, noise_temperature)
-
-    def _counterfactual(
-        self,
-        x: torch.Tensor,
-        pa: torch.Tensor | None,
-        pa_cf: torch.Tensor | None,
-        posterior_mean: bool = False,
-        latents: Sequence[torch.Tensor] | None = None,
-        noise_temperature: float = 1.0,
-        features: dict[int, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        batch = x.shape[0]
-        pa = self._check_parents(pa, batch)
-        if self.parents_dim == 0:
-            raise ValueError("counterfactuals need parents; this HVAE has parents_dim=0.")
-        if pa_cf is None or pa_cf.ndim not in (2, 3):
-            raise ValueError(
-                f"pa_cf must have shape ({batch}, {self.parents_dim}) or (K, {batch}, {self.parents_dim}), "
-                f"got {None if pa_cf is None else tuple(pa_cf.shape)}."
-            )
-        stacked = pa_cf.ndim == 3
-        pa_cf3 = pa_cf if stacked else pa_cf.unsqueeze(0)
-        if pa_cf3.shape[1:] != (batch, self.parents_dim):
-            raise ValueError(
-                f"pa_cf must have shape ({batch}, {self.parents_dim}) or (K, {batch}, {self.parents_dim}), "
-                f"got {tuple(pa_cf.shape)}."
-            )
-        branches = pa_cf3.shape[0] + 1
-        pa_all = torch.cat([pa.unsqueeze(0), pa_cf3.to(pa.dtype)], dim=0).flatten(0, 1)
-        if latents is None:
-            features = self.encoder(x) if features is None else features
-            h, _, _ = self._decoder_pass(pa_all, batch, branches, features=features, posterior_mean=posterior_mean)
-        else:
-            self._check_latents(latents, batch)
-            h, _, _ = self._decoder_pass(pa_all, batch, branches, latents=latents)
-        loc, logscale = self._likelihood_params(h)
-        loc = loc.unflatten(0, (branches, batch))
-        logscale = logscale.unflatten(0, (branches, batch))
-        noise = (x - loc[0]) * torch.exp(-logscale[0])
-        if noise_temperature != 1.0:
-            noise = noise * noise_temperature
-        x_cf = (loc[1:] + torch.exp(logscale[1:]) * noise.unsqueeze(0)).clamp(-1.0, 1.0)
-        return x_cf if stacked else x_cf[0]
+            batch = x.shape[0]
+            pa = self._check_parents(pa, batch)
+            if self.parents_dim == 0:
+                raise ValueError("counterfactuals need parents; this HVAE has parents_dim=0.")
+            if pa_cf is None or pa_cf.ndim not in (2, 3) or pa_cf.shape[-2:] != (batch, self.parents_dim):
+                raise ValueError(
+                    f"pa_cf must have shape ({batch}, {self.parents_dim}) or (K, {batch}, {self.parents_dim}), "
+                    f"got {None if pa_cf is None else tuple(pa_cf.shape)}."
+                )
+            stacked = pa_cf.ndim == 3
+            pa_cf3 = pa_cf if stacked else pa_cf.unsqueeze(0)
+            branches = pa_cf3.shape[0] + 1
+            pa_all = torch.cat([pa.unsqueeze(0), pa_cf3.to(pa.dtype)], dim=0).flatten(0, 1)
+            if latents is None:
+                features = self.encoder(x) if encoder_features is None else encoder_features
+                h, _, _ = self._decoder_pass(pa_all, batch, branches, features=features, posterior_mean=posterior_mean)
+            else:
+                self._check_latents(latents, batch)
+                h, _, _ = self._decoder_pass(pa_all, batch, branches, latents=latents)
+            loc, logscale = self._likelihood_params(h)
+            loc = loc.unflatten(0, (branches, batch))
+            logscale = logscale.unflatten(0, (branches, batch))
+            noise = (x - loc[0]) * torch.exp(-logscale[0])
+            if noise_temperature != 1.0:
+                noise = noise * noise_temperature
+            x_cf = (loc[1:] + torch.exp(logscale[1:]) * noise.unsqueeze(0)).clamp(-1.0, 1.0)
+            return x_cf if stacked else x_cf[0]
 
     # -------------------------------------------------------------------------------------------- helpers
     def _infer_batch(

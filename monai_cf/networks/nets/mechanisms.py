@@ -29,7 +29,7 @@ The ``*_all`` functions apply a whole set of mechanisms in topological order, wh
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -473,18 +473,23 @@ def _check_encoded(graph: CausalGraph, name: str, tensor: torch.Tensor, what: st
     return tensor
 
 
-def log_prob_all(
+def _observed(
     mechanisms: Mapping[str, Mechanism], graph: CausalGraph, encoded: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """``log p(a | pa(a))`` per attribute, each ``(B,)``; their sum is the attributes' joint log-likelihood."""
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """``(name, encoded value, encoded parents)`` of every attribute in topological order, each checked."""
     _check_mechanisms(mechanisms, graph)
-    out = {}
     for name in graph.topological_order():
         if name not in encoded:
             raise ValueError(f"Encoded value of '{name}' is missing; got {sorted(encoded)}.")
         value = _check_encoded(graph, name, encoded[name], "The encoded value")
-        out[name] = mechanisms[name].log_prob(value, parents_vector(graph, name, encoded))
-    return out
+        yield name, value, parents_vector(graph, name, encoded)
+
+
+def log_prob_all(
+    mechanisms: Mapping[str, Mechanism], graph: CausalGraph, encoded: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``log p(a | pa(a))`` per attribute, each ``(B,)``; their sum is the attributes' joint log-likelihood."""
+    return {name: mechanisms[name].log_prob(value, pa) for name, value, pa in _observed(mechanisms, graph, encoded)}
 
 
 def abduct_all(
@@ -494,14 +499,10 @@ def abduct_all(
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """The exogenous noise of every attribute given all encoded values (discrete noise is a posterior draw)."""
-    _check_mechanisms(mechanisms, graph)
-    noise = {}
-    for name in graph.topological_order():
-        if name not in encoded:
-            raise ValueError(f"Encoded value of '{name}' is missing; got {sorted(encoded)}.")
-        value = _check_encoded(graph, name, encoded[name], "The encoded value")
-        noise[name] = mechanisms[name].abduct(value, parents_vector(graph, name, encoded), generator=generator)
-    return noise
+    return {
+        name: mechanisms[name].abduct(value, pa, generator=generator)
+        for name, value, pa in _observed(mechanisms, graph, encoded)
+    }
 
 
 def predict_all(

@@ -49,6 +49,13 @@ def _data(config: dict, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.
     return x, pa
 
 
+def _fp32_model_and_data(batch: int) -> tuple[HVAE, torch.Tensor, torch.Tensor]:
+    """The tiny 2D model in exact float32 (seed 0) and a batch of its data."""
+    torch.manual_seed(0)
+    model = HVAE(**TINY_2D, precision="fp32")
+    return (model, *_data(TINY_2D, batch=batch))
+
+
 def _pattern_batch(n: int = 8, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Bright discs of two radii on a dark background; the parent is the radius."""
     coords = torch.linspace(-1, 1, size)
@@ -323,9 +330,7 @@ def test_precision_switch():
 
 def test_fp32_reproduces_the_float32_numbers():
     # values of the plain float32 model before the precision switch existed (same seeds)
-    torch.manual_seed(0)
-    model = HVAE(**TINY_2D, precision="fp32")
-    x, pa = _data(TINY_2D, batch=4)
+    model, x, pa = _fp32_model_and_data(batch=4)
     torch.manual_seed(1)
     terms = model.elbo(x, pa)
     assert terms["nelbo"].item() == pytest.approx(6.74328899, abs=1e-5)
@@ -341,9 +346,7 @@ def test_fp32_reproduces_the_float32_numbers():
 
 
 def test_forward_shares_the_encoder_pass_without_changing_numbers():
-    torch.manual_seed(0)
-    model = HVAE(**TINY_2D, precision="fp32")
-    x, pa = _data(TINY_2D, batch=4)
+    model, x, pa = _fp32_model_and_data(batch=4)
     torch.manual_seed(3)
     separate = model.elbo(x, pa)
     separate_cf = model.counterfactual(x, pa, pa.flip(0))
@@ -358,9 +361,7 @@ def test_forward_shares_the_encoder_pass_without_changing_numbers():
 
 
 def test_bf16_elbo_close_to_fp32_and_nothing_leaks():
-    torch.manual_seed(0)
-    model = HVAE(**TINY_2D, precision="fp32")
-    x, pa = _data(TINY_2D, batch=8)
+    model, x, pa = _fp32_model_and_data(batch=8)
     torch.manual_seed(1)
     reference = model.elbo(x, pa)
     model.precision = "bf16"
