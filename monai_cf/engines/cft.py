@@ -85,6 +85,9 @@ class CounterfactualFineTuner(HVAETrainer):
         lagrange_init: initial multiplier.
         predictor_loss: the loss on the predictor's outputs (default ``AttributeLoss`` over the image parents).
         intervene_on: attributes that may be intervened on (default: the image parents).
+        force_change: discrete interventions always change the value (see
+            :func:`~monai_cf.engines.cft_targets.sample_interventions`); the reference permutes the batch's
+            values, which leaves about half of the binary interventions null.
         kwargs: further :class:`~monai_cf.engines.HVAETrainer` arguments (``grad_clip``, ``ema_rate``, ``seed``...).
 
     Example::
@@ -111,6 +114,7 @@ class CounterfactualFineTuner(HVAETrainer):
         lagrange_init: float = 0.0,
         predictor_loss: nn.Module | None = None,
         intervene_on: Sequence[str] | None = None,
+        force_change: bool = False,
         **kwargs: Any,
     ) -> None:
         if mode not in CFT_MODES:
@@ -126,6 +130,7 @@ class CounterfactualFineTuner(HVAETrainer):
         self.mode = mode
         self.graph = scm.graph
         self.intervene_on = tuple(self.graph.check_names(intervene_on or self.graph.image_parents))
+        self.force_change = bool(force_change)
         self.guidance_predictor = guidance_predictor.to(self.state.device)
         self.predictor_loss = predictor_loss or AttributeLoss(self.graph)
         frozen = [self.guidance_predictor, scm.mechanisms]
@@ -160,7 +165,9 @@ class CounterfactualFineTuner(HVAETrainer):
         scm = engine.scm
         encoded = scm.encode_attributes(batch.attributes, image.shape[0], image.device)
         with torch.no_grad():
-            interventions = sample_interventions(engine.graph, encoded, attributes=engine.intervene_on)
+            interventions = sample_interventions(
+                engine.graph, encoded, attributes=engine.intervene_on, force_change=engine.force_change
+            )
             encoded_cf = counterfactual_all(
                 scm.mechanisms, engine.graph, encoded, interventions.do, interventions.do_mask
             )
@@ -307,14 +314,19 @@ def create_cft_trainer(
     seed: int = 0,
     constraint_batches: int = 20,
     distributed: bool | None = None,
+    force_change: bool = False,
+    warmup_steps: int = 0,
     **handler_kwargs: Any,
 ) -> CounterfactualFineTuner:
     """A :class:`CounterfactualFineTuner` with the reference settings and the usual handlers, ready to ``run()``.
 
     AdamW over the HVAE (``lr`` 1e-4, ``weight_decay`` 0.05, betas (0.9, 0.9)), damping 10 and multiplier
     learning rate 0.1 as the Soft-CFT runs; the nELBO bound is measured on ``constraint_batches`` training batches
-    when not given. Checkpoints, resume, progress bar and MLflow as :func:`~monai_cf.engines.create_hvae_trainer`
-    (``handler_kwargs`` go to :func:`~monai_cf.engines.setup_training_handlers`).
+    when not given. ``force_change=True`` makes every discrete intervention change the value (the reference
+    permutes the batch's values); ``warmup_steps`` ramps the learning rate up linearly (none by default), which
+    lets a larger ``lr`` start without breaking the pretrained model. Checkpoints, resume, progress bar and MLflow as
+    :func:`~monai_cf.engines.create_hvae_trainer` (``handler_kwargs`` go to
+    :func:`~monai_cf.engines.setup_training_handlers`).
 
     Example::
 
@@ -345,6 +357,8 @@ def create_cft_trainer(
         ema_rate=ema_rate,
         seed=seed,
         distributed=distributed,
+        force_change=force_change,
+        warmup_steps=warmup_steps,
     )
     params = {
         "stage": f"cft_{mode}",
@@ -359,6 +373,8 @@ def create_cft_trainer(
         "ema_rate": ema_rate,
         "batch_size": getattr(train_loader, "batch_size", None),
         "seed": seed,
+        "force_change": force_change,
+        "warmup_steps": warmup_steps,
         "world_size": torch.distributed.get_world_size() if is_distributed() else 1,
     }
     params.update(handler_kwargs.pop("tracking_params", None) or {})

@@ -53,18 +53,24 @@ def sample_interventions(
     encoded: Mapping[str, torch.Tensor],
     generator: torch.Generator | None = None,
     attributes: tuple[str, ...] | None = None,
+    force_change: bool = False,
 ) -> InterventionBatch:
     """Draw one intervention per sample, as in counterfactual fine-tuning.
 
     Each sample intervenes on one attribute chosen uniformly among ``attributes`` (default: the image
     parents); the value is that attribute's value in another sample of the batch (a random permutation), so
-    interventions follow the data's marginal distribution.
+    interventions follow the data's marginal distribution. A permutation often hands a sample its own value
+    (about half the time for a balanced binary attribute), a null intervention that teaches the counterfactual
+    nothing; ``force_change=True`` replaces discrete values by a different class instead (binary: the other
+    one; categorical: another class uniformly), as the evaluation's interventions do. Continuous values stay
+    permuted.
 
     Args:
         graph: the causal graph.
         encoded: encoded factual attributes, ``(B, dim)`` each.
         generator: random generator (on the CPU) for reproducible draws.
         attributes: the attributes that may be intervened on.
+        force_change: discrete interventions always change the value.
 
     Example::
 
@@ -80,9 +86,22 @@ def sample_interventions(
     do, do_mask = {}, {}
     for index, name in enumerate(attributes):
         permutation = torch.randperm(batch, generator=generator).to(device)
-        do[name] = encoded[name][permutation]
+        var = graph[name]
+        if force_change and var.is_discrete:
+            do[name] = _other_class(encoded[name], var.num_classes, generator)
+        else:
+            do[name] = encoded[name][permutation]
         do_mask[name] = chosen == index
     return InterventionBatch(chosen=chosen, attributes=attributes, do=do, do_mask=do_mask)
+
+
+def _other_class(encoded: torch.Tensor, num_classes: int, generator: torch.Generator | None) -> torch.Tensor:
+    """A different class per sample: ``1 - x`` for a binary ``(B, 1)`` code, another one-hot class otherwise."""
+    if encoded.shape[-1] == 1:
+        return 1.0 - encoded
+    offset = torch.randint(1, num_classes, (encoded.shape[0],), generator=generator).to(encoded.device)
+    other = (encoded.argmax(-1) + offset) % num_classes
+    return nn.functional.one_hot(other, num_classes).to(encoded.dtype)
 
 
 def affected_mask(graph: CausalGraph, interventions: InterventionBatch) -> dict[str, torch.Tensor]:

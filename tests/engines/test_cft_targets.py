@@ -66,6 +66,21 @@ def test_sample_interventions_one_attribute_per_sample_values_from_the_batch():
     assert torch.equal(again.chosen, draws.chosen)
 
 
+def test_sample_interventions_force_change_changes_every_discrete_value():
+    encoded = _encoded(64)
+    draws = sample_interventions(GRAPH, encoded, torch.Generator().manual_seed(0), force_change=True)
+    assert torch.equal(draws.do["sex"], 1.0 - encoded["sex"])
+    race, race_do = encoded["race"].argmax(-1), draws.do["race"]
+    assert torch.equal(race_do.sum(-1), torch.ones(64))  # still one-hot
+    assert not torch.any(race_do.argmax(-1) == race)
+    assert set(race_do.argmax(-1).tolist()) == {0, 1, 2}
+    # continuous values are still a permutation of the batch's
+    assert sorted(draws.do["age"].flatten().tolist()) == sorted(encoded["age"].flatten().tolist())
+    plain = sample_interventions(GRAPH, encoded, torch.Generator().manual_seed(0))
+    assert torch.equal(plain.chosen, draws.chosen)  # the same attributes are chosen either way
+    assert torch.any(plain.do["sex"] == encoded["sex"])  # a permutation leaves some values unchanged
+
+
 def test_affected_mask_is_the_complement_of_the_soft_target_set():
     encoded = _encoded(64)
     draws = sample_interventions(GRAPH, encoded, torch.Generator().manual_seed(1))

@@ -48,6 +48,7 @@ TINY: dict[str, Any] = {
     "cft#max_epochs": 1,
     "evaluation": {"batch_size": 16, "composition_cycles": [1], "reversibility": False, "num_examples": 2},
     "progress_bar": False,
+    "parallel": False,  # side-by-side training has its own test; spawning processes costs seconds
 }
 
 # a graph unlike the phantom's: other names, a three-class root, a continuous root with another range, a binary

@@ -71,7 +71,7 @@ def models_copy(phantom_run, tmp_path):
 def _rerun_on_copy(phantom_run: dict, models: Path, out: Path, run_id: str, **overrides: Any) -> None:
     """A stage of the phantom run again, on a copy of its models directory."""
     paths = {"bundle_root": str(phantom_run["root"]), "models_dir": str(models), "output_dir": str(out)}
-    run_bundle(TRAIN, run_id=run_id, **paths, **TINY, **overrides)
+    run_bundle(TRAIN, run_id=run_id, **paths, **{**TINY, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +231,30 @@ def test_retrain_hvae_fine_tunes_again_and_keeps_the_predictors(phantom_run, mod
         assert after[name][0] != before[name][0], name
     hvae_uid = after["hvae.pt"][0]
     assert all(load_checkpoint(models / f"hvae_cft_{m}.pt")["settings"]["hvae"] == hvae_uid for m in ("hard", "soft"))
+
+
+def test_side_by_side_training_matches_one_after_the_other(phantom_run, models_copy, tmp_path, capfd):
+    """Predictors and fine-tuning modes trained in separate processes give the sequential run's models."""
+    models = models_copy
+    side_by_side = ("guidance_predictor.pt", "evaluation_predictor.pt", "hvae_cft_hard.pt", "hvae_cft_soft.pt")
+    for name in side_by_side:
+        (models / name).unlink()
+        shutil.rmtree(models / "runs" / name.removesuffix(".pt"))
+    _rerun_on_copy(phantom_run, models, tmp_path, "run", parallel=True)
+    log = "".join(capfd.readouterr())
+    assert "Training guidance, evaluation_predictor side by side: 2 processes" in log
+    assert "Training cft hard, cft soft side by side: 2 processes" in log
+    assert "[cft soft] Stage cft done" in log  # the processes' own logs reach the console
+    sequential = phantom_run["root"] / "models"
+    for name in side_by_side:
+        made, reference = load_checkpoint(models / name), load_checkpoint(sequential / name)
+        assert made["settings"].keys() == reference["settings"].keys(), name
+        for key, value in reference["state_dict"].items():
+            # one thread per process instead of two: only the summation order differs
+            torch.testing.assert_close(made["state_dict"][key], value, atol=1e-4, rtol=1e-3, msg=f"{name}: {key}")
+    timing = json.loads((tmp_path / "timing.json").read_text())["seconds"]
+    assert {"predictors", "cft", "evaluate"} <= timing.keys()
+    assert (tmp_path / "metrics.json").is_file()
 
 
 def test_interrupted_stage_resumes_from_its_checkpoint(phantom_run, models_copy, tmp_path):
