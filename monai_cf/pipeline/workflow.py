@@ -299,6 +299,7 @@ class CounterfactualPipeline:
         self.retrain = self._retrain_set(retrain)
         self.timing: dict[str, float] = {}
         self.peak_memory_mb: dict[str, float] = {}
+        self.side_by_side_peak_memory_mb: dict[str, float] = {}
         self.results: dict[str, Any] | None = None
         self._datasets: dict[str, Any] = {}
         self._validate()
@@ -417,7 +418,11 @@ class CounterfactualPipeline:
         if _rank() == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / "timing.json", "w") as handle:
-                json.dump({"seconds": self.timing, "peak_memory_mb": self.peak_memory_mb}, handle, indent=2)
+                memory = {"peak_memory_mb": self.peak_memory_mb}
+                if self.side_by_side_peak_memory_mb:
+                    # per group, the largest of the processes that trained side by side (next to this one)
+                    memory["side_by_side_peak_memory_mb"] = self.side_by_side_peak_memory_mb
+                json.dump({"seconds": self.timing, **memory}, handle, indent=2)
             logger.info("Stage times (s): %s", {k: round(v, 1) for k, v in self.timing.items()})
         return self.results
 
@@ -813,12 +818,14 @@ class CounterfactualPipeline:
                 ): (stage, mode)
                 for i, (stage, mode) in enumerate(jobs)
             }
+            peak_mb = 0.0
             for future, (stage, mode) in futures.items():
                 try:
-                    future.result()
+                    peak_mb = max(peak_mb, future.result())
                 except Exception as error:
                     label = stage if mode is None else f"{stage} ({mode})"
                     raise RuntimeError(f"Training {label} in its own process failed: {error}") from error
+        self.side_by_side_peak_memory_mb["cft" if jobs[0][0] == "cft" else "predictors"] = peak_mb
         # the files are fresh: the sequential path must reuse them, not retrain again
         self.retrain -= {stage for stage, _ in jobs}
 
@@ -897,8 +904,11 @@ class CounterfactualPipeline:
         return run.info.run_id
 
 
-def _train_job(kwargs: Mapping[str, Any], stage: str, mode: str | None, threads: int, epsilon: float | None) -> None:
-    """One side-by-side training (runs in a spawned process): rebuild the pipeline, train, write the stage file."""
+def _train_job(kwargs: Mapping[str, Any], stage: str, mode: str | None, threads: int, epsilon: float | None) -> float:
+    """One side-by-side training (runs in a spawned process): rebuild the pipeline, train, write the stage file.
+
+    Returns the process's peak resident memory in MB.
+    """
     torch.set_num_threads(threads)
     if not logging.getLogger().handlers:
         label = stage if mode is None else f"{stage} {mode}"
@@ -912,3 +922,4 @@ def _train_job(kwargs: Mapping[str, Any], stage: str, mode: str | None, threads:
         pipeline.stage_cft()
     else:
         raise ValueError(f"stage {stage!r} does not train side by side.")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
