@@ -75,7 +75,7 @@ DEFAULT_HVAE_TRAINING = {"max_epochs": 8, "lr": 1e-3}
 DEFAULT_CFT = {
     "modes": ["none", "hard", "soft"],
     "fine_tune_none": False,
-    "max_epochs": 6,
+    "max_epochs": 7,
     "lr": 1.5e-3,
     "warmup_steps": 100,
     "force_change": True,
