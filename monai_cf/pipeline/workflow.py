@@ -217,7 +217,7 @@ class CounterfactualPipeline:
         progress_bar: show progress bars.
         parallel: train independent models (the two predictors; the hard and soft fine-tuning) side by side in
             separate processes, splitting the CPU threads between them. Small models use several threads poorly,
-            so on a 2-core CPU two one-thread trainings finish about 1.5x sooner than one after the other with two
+            so on a 2-core CPU two one-thread trainings finish about 1.4x sooner than one after the other with two
             threads each. ``"auto"``: on the CPU, outside a multi-process launch, with at least 2 threads; ``True``:
             on the CPU outside a multi-process launch, even with one thread.
             Results are those of the sequential run up to floating-point summation order.
@@ -788,7 +788,7 @@ class CounterfactualPipeline:
         """How many trainings may run side by side (1: one after the other)."""
         if self.parallel is False or self.device.type != "cpu" or (dist.is_available() and dist.is_initialized()):
             return 1
-        return 2**16 if self.parallel is True else torch.get_num_threads()
+        return 2**16 if self.parallel is True else torch.get_num_threads()  # True: as many as there are jobs
 
     def _train_side_by_side(self, jobs: Sequence[tuple[str, str | None]], epsilon: float | None = None) -> None:
         """Train ``(stage, mode)`` jobs in separate processes, each writing its stage file; the sequential path
