@@ -619,11 +619,15 @@ class CounterfactualPipeline:
         """Fit (or reuse) the attribute mechanisms by maximum likelihood."""
         return self._timed("mechanisms", self._mechanisms_stage)
 
-    def _mechanisms_stage(self) -> dict[str, Any]:
-        settings = self._stage_settings("mechanisms")
+    def _fresh_scm_and_checkpoint(self, stage: str, name: str) -> tuple[dict[str, Any], DeepSCM, dict | None]:
+        """A stage's settings, an untrained DeepSCM initialised from the seed, and its reusable file (or None)."""
+        settings = self._stage_settings(stage)
         with _seeded(self.seed):
             scm = self.build_scm()
-        ckpt = self._reusable("mechanisms", "mechanisms.pt", settings)
+        return settings, scm, self._reusable(stage, name, settings)
+
+    def _mechanisms_stage(self) -> dict[str, Any]:
+        settings, scm, ckpt = self._fresh_scm_and_checkpoint("mechanisms", "mechanisms.pt")
         if ckpt is None:
             self._prepare_data()
             batch = int(self.mechanisms["batch_size"])
@@ -652,10 +656,7 @@ class CounterfactualPipeline:
         return self._timed("hvae", self._hvae_stage)
 
     def _hvae_stage(self) -> DeepSCM:
-        settings = self._stage_settings("hvae")
-        with _seeded(self.seed):
-            scm = self.build_scm()
-        ckpt = self._reusable("hvae", "hvae.pt", settings)
+        settings, scm, ckpt = self._fresh_scm_and_checkpoint("hvae", "hvae.pt")
         if ckpt is None:
             self._prepare_data()
             training = dict(self.hvae_training)
