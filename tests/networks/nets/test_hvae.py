@@ -384,9 +384,78 @@ def test_bf16_elbo_close_to_fp32_and_nothing_leaks():
     assert loc.dtype == scale.dtype == x_null.dtype == sample.dtype == torch.float32
     # the likelihood stays float32, so the null intervention still returns the input closely
     assert (x_null - x).abs().max().item() < 1e-4
-    # "auto" is bf16 exactly where the CPU computes bf16 natively
+    # "auto" on a CPU: fp32 for a model this small, bf16 for a large one where the CPU computes bf16 natively
     model.precision = "auto"
+    assert model.macs_per_image < HVAE.AUTO_BF16_MIN_MACS
+    torch.manual_seed(1)
+    assert torch.equal(model.elbo(x, pa)["nelbo"], reference["nelbo"])
+    model.AUTO_BF16_MIN_MACS = model.macs_per_image
     torch.manual_seed(1)
     auto = model.elbo(x, pa)["nelbo"]
     expected = terms["nelbo"] if bf16_is_native("cpu") else reference["nelbo"]
     assert torch.equal(auto, expected)
+
+
+def test_macs_per_image_counts_every_convolution():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = HVAE(**TINY_2D).requires_grad_(False)
+    x = torch.zeros((2, TINY_2D["in_channels"]) + (TINY_2D["spatial_size"],) * 2)
+    pa = torch.zeros(2, TINY_2D["parents_dim"])
+    with FlopCounterMode(display=False) as counter:
+        model.elbo(x, pa)
+    parents_macs = sum(m.weight.numel() for m in (model.posterior_parents_proj, model.state_parents_proj))
+    assert model.macs_per_image + parents_macs == counter.get_total_flops() // 2 // 2
+    assert HVAE.from_preset("mimic192").macs_per_image >= HVAE.AUTO_BF16_MIN_MACS
+    assert HVAE.from_preset("morphomnist").macs_per_image < HVAE.AUTO_BF16_MIN_MACS
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+def test_fused_posterior_sample_and_kl_match_autograd(sampled):
+    from monai_cf.networks.nets.hvae import _PosteriorSampleKL
+
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(3, 4, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    noise = torch.randn(3, 4, 5, 5, generator=gen, dtype=torch.float64) if sampled else None
+    grad_z = torch.randn(3, 4, 5, 5, generator=gen, dtype=torch.float64)
+    grad_kl = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+
+    z, kl_sums = _PosteriorSampleKL.apply(*inputs, noise)
+    fused_grads = torch.autograd.grad((z * grad_z).sum() + (kl_sums * grad_kl).sum(), inputs)
+
+    q_loc, q_logscale = inputs[:2]
+    z_ref = q_loc + torch.exp(q_logscale) * noise if sampled else q_loc
+    kl_ref = gaussian_kl(*inputs).sum(dim=(2, 3))
+    ref_grads = torch.autograd.grad((z_ref * grad_z).sum() + (kl_ref * grad_kl).sum(), inputs)
+    assert torch.allclose(z, z_ref) and torch.allclose(kl_sums, kl_ref)
+    for fused, ref in zip(fused_grads, ref_grads):
+        assert torch.allclose(fused, ref)
+
+
+def test_prior_statistics_are_skipped_without_changing_the_decoder():
+    model, x, pa = _fp32_model_and_data(batch=3)
+    block = model.decoder_blocks[-1]
+    inputs = torch.randn(3, block.width, block.resolution, block.resolution)
+    skip = 2 * model.z_dim
+    assert torch.allclose(block.prior(inputs, out_slice=slice(skip, None)), block.prior(inputs)[:, skip:])
+    with pytest.raises(ValueError, match="out_slice"):
+        block.conv(inputs, out_slice=slice(0, 2))
+    # the posterior-only pass (abduction, counterfactuals) equals the ELBO pass that also needs the prior's stats
+    features = model.encoder(x)
+    torch.manual_seed(5)
+    h_elbo, _, z_elbo = model._decoder_pass(pa, 3, features=features, want_kl=True, want_latents=True)
+    torch.manual_seed(5)
+    h_abduct, kls, z_abduct = model._decoder_pass(pa, 3, features=features, want_latents=True)
+    assert kls == []
+    assert torch.allclose(h_elbo, h_abduct, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(z_elbo, z_abduct))
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_upsample_is_nearest_neighbour_interpolation(spatial_dims):
+    t = torch.randn((2, 3) + (2,) * spatial_dims, requires_grad=True)
+    bias = torch.randn((1, 3) + (6,) * spatial_dims)
+    ours = HVAE._upsample(t, 3, bias)
+    assert torch.equal(ours, torch.nn.functional.interpolate(t, scale_factor=3, mode="nearest") + bias)
+    (grad,) = torch.autograd.grad(ours.sum(), t)
+    assert torch.equal(grad, torch.full_like(t, 3.0**spatial_dims))
