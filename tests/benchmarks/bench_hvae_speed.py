@@ -18,7 +18,8 @@ the median over several timed windows (best and worst printed beside it), becaus
 same computation differ by up to 30%; ratios and verdicts use the median.
 
 ``--precision`` picks the HVAE's arithmetic (:attr:`monai_cf.networks.HVAE.precision`; the default ``auto`` is
-the library default, bf16 autocast on CPUs with native bf16); the path that actually ran is printed. Unless
+the library default: bf16 autocast on CPUs with native bf16 for large models such as MIMIC-192, float32 for
+small ones such as Morpho-MNIST); the path that actually ran is printed. Unless
 ``--elbo-steps 0``, a short-training check follows: the Morpho-MNIST architecture (6 parent dims) trained from
 the same seed on the same phantom images with ``fp32`` and with the chosen precision, both final models then
 scored in fp32 on held-out images; it prints both nELBOs and their relative difference (target < 1%).
