@@ -161,9 +161,9 @@ class _PosteriorSampleKL(torch.autograd.Function):
 
     Returns ``z = q_loc + exp(q_logscale) * noise`` (``q_loc`` when ``noise`` is ``None``) and
     ``sum over space of gaussian_kl(q_loc, q_logscale, p_loc, p_logscale)`` per sample and channel. The same
-    numbers as autograd through :func:`gaussian_kl`, in about half the passes over the latent maps: the KL
-    sum is assembled from four spatial reductions instead of an elementwise map, and the backward writes
-    each gradient once. On a CPU these passes, not the convolutions, dominate the top resolution.
+    numbers as autograd through :func:`gaussian_kl` with fewer passes over the latent maps and fewer autograd
+    nodes: the KL sum is assembled from four spatial reductions instead of an elementwise map, and the
+    backward writes each gradient once.
     """
 
     @staticmethod
@@ -641,7 +641,7 @@ class HVAE(nn.Module):
     #: ``"auto"`` uses bf16 on a CPU only for models of at least this many multiply-accumulates per image in
     #: the forward pass. Below it the convolutions are too narrow for bf16 matrix products to pay for the casts:
     #: measured on a 2-core AVX-512 BF16 CPU, training the Morpho-MNIST architecture (41M MACs per image) runs
-    #: 20% slower in bf16 than in fp32, while the MIMIC-192 one (4.5G) runs 1.6x faster.
+    #: 20-30% slower in bf16 than in fp32, while the MIMIC-192 one (4.5G) runs 1.6x faster.
     AUTO_BF16_MIN_MACS: int = 10**9
 
     PRESETS: dict[str, dict[str, Any]] = {
@@ -1023,8 +1023,9 @@ class HVAE(nn.Module):
 
     @staticmethod
     def _upsample(t: torch.Tensor, factor: int, bias: torch.Tensor | None) -> torch.Tensor:
-        # nearest neighbour by broadcasting: the gradient is a reduction, not F.interpolate's scatter, which is
-        # 1.5-3x faster on a CPU and which torch.compile's CPU code generator can compile
+        # nearest neighbour by broadcasting: its gradient is a sum over the copies instead of F.interpolate's
+        # scatter, faster on a CPU (up to 2x at the top resolutions) and compilable by torch.compile's CPU code
+        # generator, which fails on that scatter
         batch, channels, *spatial = t.shape
         view_shape, expanded_shape = [batch, channels], [batch, channels]
         for size in spatial:
