@@ -33,6 +33,7 @@ from .part_trainers import (
     create_mechanism_trainer,
     create_predictor_trainer,
 )
+from .runtime import tune_cpu_allocator
 from .utils import (
     AttributePrepareBatch,
     CounterfactualBatch,

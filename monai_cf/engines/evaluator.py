@@ -39,6 +39,7 @@ from monai.networks.utils import eval_mode
 from torch import nn
 
 from monai_cf.data.encoding import AttributeEncoder
+from monai_cf.engines.runtime import tune_cpu_allocator
 from monai_cf.graph import AttributeKind, CausalGraph
 from monai_cf.handlers.report import CounterfactualReportWriter, flatten_results
 from monai_cf.metrics import (
@@ -373,6 +374,8 @@ class CounterfactualEvaluator(Evaluator):
         if device is None:
             params = list(predictor.parameters())
             device = params[0].device if params else torch.device("cpu")
+        if torch.device(device).type == "cpu":
+            tune_cpu_allocator()
         super().__init__(device=device, val_data_loader=loader, decollate=False, val_handlers=val_handlers)
         self.predictor = predictor
         self.seed = int(seed)

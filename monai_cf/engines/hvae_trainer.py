@@ -23,6 +23,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 from torch.utils.data import DataLoader
 
+from monai_cf.engines.runtime import tune_cpu_allocator
 from monai_cf.engines.utils import (
     CounterfactualPrepareBatch,
     IterationSeeder,
@@ -202,6 +203,8 @@ class HVAETrainer(Trainer):
         amp_kwargs: dict | None = None,
     ) -> None:
         image_model, scm = resolve_image_model(network)
+        if torch.device(device).type == "cpu":
+            tune_cpu_allocator()
         if prepare_batch is None:
             prepare_batch = CounterfactualPrepareBatch(graph=scm.graph if scm is not None else None)
         extra = {} if metric_cmp_fn is None else {"metric_cmp_fn": metric_cmp_fn}

@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from monai_cf.data.encoding import AttributeEncoder
+from monai_cf.engines.runtime import tune_cpu_allocator
 from monai_cf.engines.utils import (
     AttributePrepareBatch,
     IterationSeeder,
@@ -72,7 +73,10 @@ __all__ = [
 
 
 def _default_device(device: str | torch.device | None) -> torch.device:
-    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    return device
 
 
 def _wrap_ddp(module: nn.Module, device: torch.device, distributed: bool | None) -> nn.Module:

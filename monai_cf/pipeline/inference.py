@@ -25,6 +25,7 @@ import torch
 from monai.data import DataLoader, Dataset
 
 from monai_cf.data import AttributeEncoder, load_csv_datalist, load_image_transforms
+from monai_cf.engines.runtime import tune_cpu_allocator
 from monai_cf.graph import CausalGraph
 from monai_cf.networks import DeepSCM
 from monai_cf.networks.nets import AttributePredictor
@@ -133,6 +134,8 @@ class CounterfactualInference:
         self.input = Path(input)
         self.output_dir = Path(output_dir)
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu":
+            tune_cpu_allocator()
         self.batch_size = int(batch_size)
         self.overwrite = overwrite if isinstance(overwrite, bool) else str(overwrite).lower() == "true"
         if not self.input.exists():

@@ -24,7 +24,11 @@ small ones such as Morpho-MNIST); the path that actually ran is printed. Unless
 the same seed on the same phantom images with ``fp32`` and with the chosen precision, both final models then
 scored in fp32 on held-out images; it prints both nELBOs and their relative difference (target < 1%).
 
-Usage: ``python tests/benchmarks/bench_hvae_speed.py [--threads 2] [--precision auto] [--elbo-steps 200]``.
+``--allocator tuned`` (the default) applies :func:`monai_cf.engines.runtime.tune_cpu_allocator` in each
+process, as the monai_cf engines do on a CPU; ``--allocator default`` keeps the C library's settings.
+
+Usage: ``python tests/benchmarks/bench_hvae_speed.py [--threads 2] [--precision auto] [--elbo-steps 200]
+[--allocator tuned]``.
 """
 
 from __future__ import annotations
@@ -66,12 +70,20 @@ def _resolved_path(precision: str, model: Any) -> str:
     return precision
 
 
-def _run(preset: str, task: str, threads: int, precision: str) -> dict[str, Any]:
+def _setup_process(threads: int, allocator: str) -> None:
+    from monai_cf.engines.runtime import tune_cpu_allocator
+
+    torch.set_num_threads(threads)
+    if allocator == "tuned":
+        tune_cpu_allocator()  # what the monai_cf engines do on a CPU
+
+
+def _run(preset: str, task: str, threads: int, precision: str, allocator: str) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from monai_cf.networks import HVAE
 
-    torch.set_num_threads(threads)
+    _setup_process(threads, allocator)
     torch.manual_seed(0)
     cfg = CONFIGS[preset]
     model = HVAE.from_preset(preset, precision=precision)
@@ -140,11 +152,11 @@ def _phantom_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, pa
 
 
-def _train_elbo(precision: str, steps: int, threads: int) -> dict[str, Any]:
+def _train_elbo(precision: str, steps: int, threads: int, allocator: str) -> dict[str, Any]:
     """Train the Morpho-MNIST architecture ``steps`` steps; score the result in fp32 on held-out phantoms."""
     from monai_cf.networks import HVAE
 
-    torch.set_num_threads(threads)
+    _setup_process(threads, allocator)
     x_train, pa_train = _phantom_data(1024, seed=0)
     x_test, pa_test = _phantom_data(256, seed=1)
     torch.manual_seed(0)
@@ -191,8 +203,14 @@ def main() -> None:
     parser.add_argument("--configs", default="morphomnist,mimic192")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--elbo-steps", type=int, default=200, help="short-training ELBO check; 0 skips it")
+    parser.add_argument(
+        "--allocator", default="tuned", choices=("tuned", "default"), help="C allocator: tune_cpu_allocator or not"
+    )
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, precision {args.precision}")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, precision {args.precision}, "
+        f"allocator {args.allocator}"
+    )
     columns = [
         "config",
         "precision",
@@ -214,7 +232,7 @@ def main() -> None:
     for preset in args.configs.split(","):
         for task in ("train", "cf"):
             with ctx.Pool(1) as pool:
-                result = pool.apply(_run, (preset, task, args.threads, args.precision))
+                result = pool.apply(_run, (preset, task, args.threads, args.precision, args.allocator))
             results.append(result)
             print("| " + " | ".join(_fmt(result[c]) for c in columns + ["load"]) + " |", flush=True)
     verdicts = []
@@ -228,7 +246,7 @@ def main() -> None:
         runs = []
         for precision in ("fp32", args.precision):
             with ctx.Pool(1) as pool:
-                run = pool.apply(_train_elbo, (precision, args.elbo_steps, args.threads))
+                run = pool.apply(_train_elbo, (precision, args.elbo_steps, args.threads, args.allocator))
             runs.append(run)
             print(
                 f"elbo check ({args.elbo_steps} steps, morphomnist, phantoms): {run['precision']}: "
