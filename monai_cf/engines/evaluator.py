@@ -374,8 +374,7 @@ class CounterfactualEvaluator(Evaluator):
         if device is None:
             params = list(predictor.parameters())
             device = params[0].device if params else torch.device("cpu")
-        if torch.device(device).type == "cpu":
-            tune_cpu_allocator()
+        tune_cpu_allocator(device)
         super().__init__(device=device, val_data_loader=loader, decollate=False, val_handlers=val_handlers)
         self.predictor = predictor
         self.seed = int(seed)

@@ -203,8 +203,7 @@ class HVAETrainer(Trainer):
         amp_kwargs: dict | None = None,
     ) -> None:
         image_model, scm = resolve_image_model(network)
-        if torch.device(device).type == "cpu":
-            tune_cpu_allocator()
+        tune_cpu_allocator(device)
         if prepare_batch is None:
             prepare_batch = CounterfactualPrepareBatch(graph=scm.graph if scm is not None else None)
         extra = {} if metric_cmp_fn is None else {"metric_cmp_fn": metric_cmp_fn}

@@ -73,10 +73,7 @@ __all__ = [
 
 
 def _default_device(device: str | torch.device | None) -> torch.device:
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":
-        tune_cpu_allocator()
-    return device
+    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _wrap_ddp(module: nn.Module, device: torch.device, distributed: bool | None) -> nn.Module:
@@ -332,6 +329,7 @@ def create_predictor_trainer(
         trainer.evaluator.state.metrics["val_auc_sex"]
     """
     device = _default_device(device)
+    tune_cpu_allocator(device)
     predictor = predictor.to(device)
     prepare = AttributePrepareBatch(predictor.graph, attributes=predictor.attributes)
     loss_function = loss_function or AttributeLoss(predictor.graph, attributes=predictor.attributes)
@@ -441,6 +439,7 @@ def create_mechanism_trainer(
         raise ValueError("create_mechanism_trainer needs graph=... when given mechanisms rather than a DeepSCM.")
     graph = CausalGraph.build(graph)
     device = _default_device(device)
+    tune_cpu_allocator(device)
     likelihood = MechanismLikelihood(mechanisms, graph).to(device)
 
     def as_loader(data: Any, shuffle: bool) -> DataLoader:

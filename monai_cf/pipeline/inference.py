@@ -134,8 +134,7 @@ class CounterfactualInference:
         self.input = Path(input)
         self.output_dir = Path(output_dir)
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cpu":
-            tune_cpu_allocator()
+        tune_cpu_allocator(self.device)
         self.batch_size = int(batch_size)
         self.overwrite = overwrite if isinstance(overwrite, bool) else str(overwrite).lower() == "true"
         if not self.input.exists():

@@ -49,6 +49,9 @@ def test_tuned_allocator_reuses_freed_activations():
     assert int(faults) < _pages_per_step() // 4
 
 
-def test_switch_off_by_environment(monkeypatch):
+def test_switch_off_by_environment_and_off_cpu(monkeypatch):
+    from monai_cf.engines.runtime import _apply_allocator_settings
+
     monkeypatch.setenv(ALLOCATOR_ENV, "0")
-    assert tune_cpu_allocator.__wrapped__() is False
+    assert _apply_allocator_settings.__wrapped__() is False
+    assert tune_cpu_allocator("meta") is False
