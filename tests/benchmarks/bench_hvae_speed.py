@@ -40,7 +40,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -78,6 +78,27 @@ def _setup_process(threads: int, allocator: str) -> None:
         tune_cpu_allocator()  # what the monai_cf engines do on a CPU
 
 
+def make_step(model: Any, task: str, x: torch.Tensor, pa: torch.Tensor) -> Callable[[], None]:
+    """One benchmark step on a batch: ``"train"`` (nELBO forward, backward, AdamW) or ``"cf"`` (abduct + decode)."""
+    if task == "train":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.9), weight_decay=0.01, fused=True)
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            model.elbo(x, pa)["nelbo"].backward()
+            optimizer.step()
+
+        return step
+    model.eval().requires_grad_(False)  # inference; also keeps the FLOP counter's module hooks out of autograd
+    pa_cf = pa.flip(0)
+
+    def step() -> None:
+        with torch.no_grad():
+            model.counterfactual(x, pa, pa_cf)
+
+    return step
+
+
 def _run(preset: str, task: str, threads: int, precision: str, allocator: str) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -88,22 +109,7 @@ def _run(preset: str, task: str, threads: int, precision: str, allocator: str) -
     cfg = CONFIGS[preset]
     model = HVAE.from_preset(preset, precision=precision)
     x, pa = _images(cfg["batch"], model.in_channels, model.spatial_size, model.parents_dim)
-    if task == "train":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.9), weight_decay=0.01, fused=True)
-
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            model.elbo(x, pa)["nelbo"].backward()
-            optimizer.step()
-
-    else:
-        model.eval().requires_grad_(False)  # inference; also keeps the FLOP counter's module hooks out of autograd
-        pa_cf = pa.flip(0)
-
-        def step() -> None:
-            with torch.no_grad():
-                model.counterfactual(x, pa, pa_cf)
-
+    step = make_step(model, task, x, pa)
     counter = FlopCounterMode(display=False)
     with counter:
         step()
