@@ -29,8 +29,6 @@ Usage: ``python tests/benchmarks/bench_hvae_breakdown.py [--preset morphomnist] 
 
 from __future__ import annotations
 
-import argparse
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -42,7 +40,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_hvae_speed import CONFIGS, REFERENCE, TARGETS, _setup_process, make_step  # noqa: E402
+from bench_hvae_speed import (  # noqa: E402
+    CONFIGS,
+    REFERENCE,
+    TARGETS,
+    _setup_process,
+    interleaved_parser,
+    interleaved_runs,
+    make_step,
+)
 from bench_networks import _images  # noqa: E402
 
 VARIANTS = ("full", "no-gelu", "no-spatial-conv", "no-noise", "none-of-these")
@@ -97,27 +103,18 @@ def _time_variant(preset: str, task: str, variant: str, threads: int, repeats: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="morphomnist", choices=tuple(CONFIGS))
-    parser.add_argument("--tasks", default="train,cf")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; each variant once per round")
+    parser = interleaved_parser(__doc__.splitlines()[0], rounds=5, unit="variant")
     parser.add_argument("--repeats", type=int, default=9, help="timed steps per process (median taken)")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, preset {args.preset}")
     batch = CONFIGS[args.preset]["batch"]
-    ctx = mp.get_context("spawn")
     print("| task | variant | ms/step (median of rounds) | rounds | GFLOP/step | cost ms | cost % | img/s if free |")
     print("|---|---|---|---|---|---|---|---|")
     for task in args.tasks.split(","):
-        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
         load = os.getloadavg()[0]
-        for _ in range(args.rounds):
-            for variant in VARIANTS:
-                with ctx.Pool(1) as pool:
-                    runs[variant].append(
-                        pool.apply(_time_variant, (args.preset, task, variant, args.threads, args.repeats))
-                    )
+        runs = interleaved_runs(
+            _time_variant, VARIANTS, args.rounds, lambda v: (args.preset, task, v, args.threads, args.repeats)
+        )
         full = statistics.median(r["ms"] for r in runs["full"])
         for variant in VARIANTS:
             ms = statistics.median(r["ms"] for r in runs[variant])

@@ -39,7 +39,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,33 @@ def _setup_process(threads: int, allocator: str) -> None:
     torch.set_num_threads(threads)
     if allocator == "tuned":
         tune_cpu_allocator()  # what the monai_cf engines do on a CPU
+
+
+def interleaved_runs(
+    function: Callable[..., Any], labels: Sequence[str], rounds: int, arguments: Callable[[str], tuple]
+) -> dict[str, list[Any]]:
+    """``function(*arguments(label))`` for every label, each call in a fresh spawned process, in interleaved rounds.
+
+    On a shared VM windows of the same computation differ by up to 30%; interleaving (a, b, ..., a, b, ...) spreads
+    that drift over all labels instead of letting it fall on one. Returns each label's results in round order.
+    """
+    results: dict[str, list[Any]] = {label: [] for label in labels}
+    context = mp.get_context("spawn")
+    for _ in range(rounds):
+        for label in labels:
+            with context.Pool(1) as pool:
+                results[label].append(pool.apply(function, arguments(label)))
+    return results
+
+
+def interleaved_parser(description: str, rounds: int, unit: str) -> argparse.ArgumentParser:
+    """The arguments the interleaved benchmarks share: ``--preset``, ``--tasks``, ``--rounds`` and ``--threads``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", default="morphomnist", choices=tuple(CONFIGS))
+    parser.add_argument("--tasks", default="train,cf")
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"interleaved rounds; each {unit} once per round")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    return parser
 
 
 def make_step(model: Any, task: str, x: torch.Tensor, pa: torch.Tensor) -> Callable[[], None]:

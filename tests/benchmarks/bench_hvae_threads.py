@@ -30,8 +30,6 @@ Usage: ``python tests/benchmarks/bench_hvae_threads.py [--preset morphomnist] [-
 
 from __future__ import annotations
 
-import argparse
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -43,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_hvae_speed import CONFIGS, REFERENCE, TARGETS, _setup_process, make_step  # noqa: E402
+import bench_hvae_speed as speed  # noqa: E402
 from bench_networks import _images  # noqa: E402
 
 MODES = ("1-thread", "N-threads", "N-workers-split", "N-workers-full")
@@ -62,21 +60,21 @@ def _time_mode(preset: str, task: str, mode: str, threads: int, seconds: float) 
     """Images/s of ``mode``: all workers step for ``seconds`` after their warm-up; their images are summed."""
     from monai_cf.networks import HVAE
 
-    intra, workers, batch = _layout(mode, threads, CONFIGS[preset]["batch"])
-    _setup_process(intra, "tuned")
+    intra, workers, batch = _layout(mode, threads, speed.CONFIGS[preset]["batch"])
+    speed._setup_process(intra, "tuned")
     torch.manual_seed(0)
     steps = []
     for _ in range(workers):
         model = HVAE.from_preset(preset)
         x, pa = _images(batch, model.in_channels, model.spatial_size, model.parents_dim)
-        steps.append(make_step(model, task, x, pa))
+        steps.append(speed.make_step(model, task, x, pa))
     ready = threading.Barrier(workers)
     done = [0] * workers
     elapsed = [0.0] * workers
 
     def work(index: int) -> None:
         # warm up on the thread that will be timed: each OpenMP root thread has its own team and caches
-        for _ in range(CONFIGS[preset]["warmup"]):
+        for _ in range(speed.CONFIGS[preset]["warmup"]):
             steps[index]()
         ready.wait()
         start = time.perf_counter()
@@ -97,38 +95,31 @@ def _time_mode(preset: str, task: str, mode: str, threads: int, seconds: float) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="morphomnist", choices=tuple(CONFIGS))
-    parser.add_argument("--tasks", default="train,cf")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each mode once per round")
+    parser = speed.interleaved_parser(__doc__.splitlines()[0], rounds=3, unit="mode")
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per mode and round")
-    parser.add_argument("--threads", type=int, default=2, help="N: threads and workers (default 2)")
     args = parser.parse_args()
-    batch = CONFIGS[args.preset]["batch"]
+    batch = speed.CONFIGS[args.preset]["batch"]
     if batch % args.threads:
         parser.error(f"--threads {args.threads} does not divide the {args.preset} batch of {batch} images")
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, N = {args.threads}, preset {args.preset}")
     print("| task | mode | img/s (median of rounds) | rounds | vs 1 thread | vs reference |")
     print("|---|---|---|---|---|---|")
-    ctx = mp.get_context("spawn")
     for task in args.tasks.split(","):
-        rates: dict[str, list[float]] = {mode: [] for mode in MODES}
         load = os.getloadavg()[0]
-        for _ in range(args.rounds):
-            for mode in MODES:
-                with ctx.Pool(1) as pool:
-                    rates[mode].append(pool.apply(_time_mode, (args.preset, task, mode, args.threads, args.seconds)))
+        rates = speed.interleaved_runs(
+            _time_mode, MODES, args.rounds, lambda m: (args.preset, task, m, args.threads, args.seconds)
+        )
         single = statistics.median(rates["1-thread"])
-        reference = REFERENCE[args.preset, task]
+        reference = speed.REFERENCE[args.preset, task]
         for mode in MODES:
             median = statistics.median(rates[mode])
             spread = "/".join(f"{r:.0f}" for r in rates[mode])
             cells = [task, mode, f"{median:.1f}", spread, f"{median / single:.2f}x", f"{median / reference:.2f}x"]
             print("| " + " | ".join(cells) + " |", flush=True)
-        target = TARGETS[args.preset] * reference
+        target = speed.TARGETS[args.preset] * reference
         best = max(MODES, key=lambda m: statistics.median(rates[m]))
         print(
-            f"{task}: the {TARGETS[args.preset]:.0f}x target is {target:.0f} img/s; the most any mode reached is "
+            f"{task}: the {speed.TARGETS[args.preset]:.0f}x target is {target:.0f} img/s; the most any mode reached is "
             f"{statistics.median(rates[best]):.0f} ({best}); load {load:.1f}->{os.getloadavg()[0]:.1f}",
             flush=True,
         )
