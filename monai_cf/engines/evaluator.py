@@ -49,11 +49,15 @@ from monai_cf.metrics import (
     composition_distances,
     draw_intervention_values,
     frechet_distance,
+    continuous_amplification,
+    effectiveness_excess,
     image_similarity,
+    l1_255,
     logit_shift,
     reversibility_distances,
     separating_mode,
     subgroup_shift,
+    truth_gain,
 )
 from monai_cf.networks.nets.predictor import AttributeLoss, AttributePredictor
 from monai_cf.networks.scm import DeepSCM
@@ -222,6 +226,7 @@ class _Accumulator:
         self.cf_labels: dict[str, dict[str, dict[str, list[torch.Tensor]]]] = {}
         self.cf_features: dict[str, dict[str, list[torch.Tensor]]] = {}
         self.ground_truth: dict[str, dict[str, dict[str, list[torch.Tensor]]]] = {}
+        self.unchanged_l1: dict[str, list[torch.Tensor]] = {}
         self.descendants: dict[str, dict[str, dict[str, list[torch.Tensor]]]] = {}
         self.composition: dict[str, dict[int, list[torch.Tensor]]] = {}
         self.reversibility: dict[str, dict[str, list[torch.Tensor]]] = {}
@@ -270,8 +275,16 @@ class CounterfactualEvaluator(Evaluator):
       ``graph.soft_target_set([k])`` (terms in ``amplification_detail``); ``logit_shift[cf_type]``: the mean
       paired change of ``|log-odds|`` of those attributes (``logit_shift_detail``);
     - ``composition[cf_type]``: L1 (0-255) after 1 and 10 null interventions; ``reversibility[k][cf_type]``;
+    - ``amplification_continuous[cf_type]``: the same for continuous attributes of the soft-target sets, as the
+      mean change of their MAE in units of the real-image MAE (``amplification_continuous_detail``);
+    - ``effectiveness_excess[k][cf_type]``: ``AUC_cf(k) - AUC_real(k)`` of the intervened attribute (positive:
+      read more confidently than real images, an exaggeration), its relative MAE change if continuous;
     - ``ground_truth[k][cf_type]``: L1, PSNR, SSIM against the phantom's true counterfactual, and the
       agreement of recomputed descendants with the true ones (phantom data only);
+    - ``faithfulness`` (phantom data only): ``unchanged_l1[k]``, the L1 of the unchanged image to the true
+      counterfactual (the do-nothing baseline), ``truth_gain[k][cf_type]`` ``= 1 - L1(x*, x_true) / L1(x, x_true)``
+      (ratio of means; positive: the edit moves toward the truth) and its mean over interventions
+      ``truth_gain_mean[cf_type]``;
     - ``embedding_shift``: W1 distances between real and counterfactual predictor embeddings along the
       leading whitened PCA modes, per intervention, CF type, unintervened attribute and subgroup;
     - ``realism``: FID on predictor features; ``utility`` (only with ``utility_data``): Table 2;
@@ -484,6 +497,7 @@ class CounterfactualEvaluator(Evaluator):
                     cf = renderer.counterfactual_batch(factual, {k: dos[k].cpu().numpy()})
                     image = torch.from_numpy(cf[self.image_key]).to(device=x.device, dtype=x.dtype)
                     truth[k] = (image, {n: np.asarray(cf[n]) for n in self.graph.attributes})
+                    _append(acc.unchanged_l1, [k], l1_255(x, image))
 
         for cf_type, runner in self._runners.items():
             with self._stage("counterfactuals"):
@@ -630,6 +644,8 @@ class CounterfactualEvaluator(Evaluator):
                     logit_detail[k][cf_type] = logit_shift(self.graph, k, real_outputs, cf_outputs, labels)
                     signed_detail[k][cf_type] = logit_shift(self.graph, k, real_outputs, cf_outputs, labels, True)
             amp, amp_detail = amplification(self.graph, baseline, effectiveness)
+            amp_continuous, amp_continuous_detail = continuous_amplification(self.graph, baseline, effectiveness)
+            excess = effectiveness_excess(self.graph, baseline, effectiveness)
             logit_summary, signed_summary = (
                 {
                     cf_type: _finite_mean(v for k in self.intervened for v in detail[k][cf_type].values())
@@ -653,6 +669,9 @@ class CounterfactualEvaluator(Evaluator):
             "effectiveness": effectiveness,
             "amplification": amp,
             "amplification_detail": amp_detail,
+            "amplification_continuous": amp_continuous,
+            "amplification_continuous_detail": amp_continuous_detail,
+            "effectiveness_excess": excess,
             "logit_shift": logit_summary,
             "logit_shift_detail": logit_detail,
             "label_logit_shift": signed_summary,
@@ -665,6 +684,7 @@ class CounterfactualEvaluator(Evaluator):
             },
             "ground_truth": self._ground_truth_results(),
         }
+        results["faithfulness"] = self._faithfulness_results(results["ground_truth"], cf_types)
         with self._stage("embedding_shift"):
             results["embedding_shift"] = self._embedding_results(labels)
         with self._stage("realism"):
@@ -702,6 +722,21 @@ class CounterfactualEvaluator(Evaluator):
                     entry["descendants"] = {d: _mean(v) for d, v in descendants.items()}
                 result[k][cf_type] = entry
         return result
+
+    def _faithfulness_results(self, ground_truth: Mapping[str, Any], cf_types: Sequence[str]) -> dict[str, Any]:
+        """Truth gain per intervention and CF type against the unchanged image's distance to the truth."""
+        if not ground_truth:
+            return {}
+        unchanged = {k: _mean(v) for k, v in self._acc.unchanged_l1.items()}
+        gains = {
+            k: {c: truth_gain(entry["l1"], unchanged.get(k, float("nan"))) for c, entry in by_type.items()}
+            for k, by_type in ground_truth.items()
+        }
+        return {
+            "unchanged_l1": unchanged,
+            "truth_gain": gains,
+            "truth_gain_mean": {c: _finite_mean(gains[k].get(c, float("nan")) for k in gains) for c in cf_types},
+        }
 
     def _embedding_results(self, labels: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         acc = self._acc

@@ -184,21 +184,33 @@ def format_report(results: Mapping[str, Any], figures: Sequence[str | os.PathLik
     lines += ["", "Bold: the intervened attribute (effectiveness). Other columns of attributes that do not descend "]
     lines[-1] += "from the intervention should stay at the baseline; an increase is attribute amplification."
 
+    lines += _faithfulness_lines(results, cf_types)
+
     amp = results.get("amplification", {})
+    amp_continuous = results.get("amplification_continuous", {})
     shift = results.get("logit_shift", {})
     signed = results.get("label_logit_shift", {})
+    has_continuous = any(_finite(v) for v in amp_continuous.values())
     lines += ["", "## Amplification", ""]
-    lines += _table(
-        ["CF type", "Amplification (mean AUC change, % points)", "Mean |log-odds| shift", "Log-odds shift to label"],
-        [
-            [_cf_name(c), _plain(amp.get(c), 2, 100.0), _plain(shift.get(c), 3), _plain(signed.get(c), 3)]
-            for c in cf_types
-        ],
-    )
+    header = ["CF type", "Amplification (mean AUC change, % points)"]
+    header += ["Continuous: mean MAE change (× real MAE)"] if has_continuous else []
+    header += ["Mean |log-odds| shift", "Log-odds shift to label"]
+    rows = []
+    for c in cf_types:
+        row = [_cf_name(c), _plain(amp.get(c), 2, 100.0)]
+        row += [_plain(amp_continuous.get(c), 3)] if has_continuous else []
+        rows.append(row + [_plain(shift.get(c), 3), _plain(signed.get(c), 3)])
+    lines += _table(header, rows)
     lines += [
         "",
         "Means over every intervention and unintervened discrete attribute; log-odds shifts are paired "
-        "(counterfactual minus its real image) from the evaluation predictor.",
+        "(counterfactual minus its real image) from the evaluation predictor."
+        + (
+            " Continuous unintervened attributes: the change of their MAE on counterfactuals in units of the "
+            "real-image MAE (0: read as on real images)."
+            if has_continuous
+            else ""
+        ),
     ]
     detail = results.get("amplification_detail", {})
     rows = []
@@ -305,6 +317,50 @@ def format_report(results: Mapping[str, Any], figures: Sequence[str | os.PathLik
             name = Path(figure).name
             lines += [f"![{Path(name).stem}]({name})", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _faithfulness_lines(results: Mapping[str, Any], cf_types: Sequence[str]) -> list[str]:
+    """The truth-gain table (ground truth only) and the effectiveness excess of every intervention."""
+    lines: list[str] = []
+    faithfulness = results.get("faithfulness") or {}
+    truth = results.get("ground_truth", {})
+    gains = faithfulness.get("truth_gain", {})
+    if gains:
+        unchanged = faithfulness.get("unchanged_l1", {})
+        lines += ["", "## Faithfulness (phantom: the edit against the true counterfactual)", ""]
+        header = ["Intervention", "Unchanged image L1"]
+        header += [f"{_cf_name(c)} L1 / truth gain" for c in cf_types]
+        rows = []
+        for k, by_type in gains.items():
+            cells = [
+                f"{_plain(truth.get(k, {}).get(c, {}).get('l1'), 2)} / {_plain(by_type.get(c), 2)}" for c in cf_types
+            ]
+            rows.append([f"do({k})", _plain(unchanged.get(k), 2), *cells])
+        means = faithfulness.get("truth_gain_mean", {})
+        rows.append(["mean truth gain", "", *[_plain(means.get(c), 2) for c in cf_types]])
+        lines += _table(header, rows)
+        lines += [
+            "",
+            "L1 on [0, 255] to the phantom's true counterfactual. Truth gain = 1 - L1(x*, x_true) / L1(x, x_true): "
+            "0 is no better than leaving the image unchanged, 1 is exact, negative moves away from the truth.",
+        ]
+    excess = results.get("effectiveness_excess", {})
+    if excess:
+        kinds = results.get("config", {}).get("attribute_kinds", {})
+        lines += ["", "Effectiveness excess on the intervened attribute (counterfactuals minus real images):", ""]
+        rows = []
+        for k, by_type in excess.items():
+            continuous = kinds.get(k) == "continuous"
+            unit = "× real MAE" if continuous else "AUC % points"
+            cells = [_plain(by_type.get(c), 2 if continuous else 1, 1.0 if continuous else 100.0) for c in cf_types]
+            rows.append([f"do({k})", unit, *cells])
+        lines += _table(["Intervention", "Unit", *[_cf_name(c) for c in cf_types]], rows)
+        lines += [
+            "",
+            "Discrete: a positive AUC excess means counterfactuals are read more confidently than real images (an "
+            "exaggerated edit). Continuous: the MAE change in units of the real-image MAE (negative: exaggerated).",
+        ]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- figures

@@ -8,7 +8,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Counterfactual metrics: effectiveness and amplification, soundness, ground truth, embedding shift, realism.
+"""Counterfactual metrics: effectiveness and amplification, faithfulness, soundness, ground truth, embedding
+shift, realism.
 
 Every function here measures; none trains. :class:`monai_cf.engines.CounterfactualEvaluator` runs them over
 a test set and writes ``metrics.json`` and ``report.md``.
@@ -24,6 +25,7 @@ from .effectiveness import (
     logit_shift,
     roc_auc,
 )
+from .faithfulness import continuous_amplification, effectiveness_excess, relative_error_change, truth_gain
 from .embedding import EmbeddingPCA, frechet_distance, separating_mode, subgroup_shift, wasserstein_shift
 from .interventions import draw_intervention_values
 from .soundness import (
@@ -42,6 +44,10 @@ __all__ = [
     "label_log_odds",
     "amplification",
     "logit_shift",
+    "truth_gain",
+    "relative_error_change",
+    "effectiveness_excess",
+    "continuous_amplification",
     "draw_intervention_values",
     "CounterfactualFn",
     "l1_255",

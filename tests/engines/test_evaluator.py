@@ -192,12 +192,52 @@ def test_exaggerated_severity_amplifies_disease(evaluation):
     assert shifts["hard"]["disease"]["pleural_effusion"]["mean"] > shifts["soft"]["disease"]["pleural_effusion"]["mean"]
 
 
+def test_truth_gain_grades_the_edit_against_doing_nothing(evaluation):
+    evaluator, out, _ = evaluation
+    r = evaluator.results
+    faithfulness = r["faithfulness"]
+    for k in ATTRIBUTES:
+        unchanged = faithfulness["unchanged_l1"][k]
+        # the identity's distance to the truth is the do-nothing baseline itself
+        assert unchanged == pytest.approx(r["ground_truth"][k]["none"]["l1"]) and unchanged > 0.1
+        assert faithfulness["truth_gain"][k]["soft"] == 1.0  # the true counterfactual
+        assert faithfulness["truth_gain"][k]["none"] == pytest.approx(0.0, abs=1e-12)
+        hard = faithfulness["truth_gain"][k]["hard"]
+        assert hard == pytest.approx(1.0 - r["ground_truth"][k]["hard"]["l1"] / unchanged)
+    assert faithfulness["truth_gain"]["sex"]["hard"] < 1.0
+    assert faithfulness["truth_gain_mean"]["soft"] == 1.0
+    assert faithfulness["truth_gain_mean"]["none"] == pytest.approx(0.0, abs=1e-12)
+    assert evaluator.state.metrics["faithfulness/truth_gain/sex/hard"] == pytest.approx(
+        faithfulness["truth_gain"]["sex"]["hard"]
+    )
+    report = (out / "report.md").read_text()
+    assert "## Faithfulness" in report
+    assert f"| do(sex) | {faithfulness['unchanged_l1']['sex']:.2f} | 0.00 / 1.00 |" in report
+
+
+def test_excess_and_continuous_amplification(evaluation):
+    evaluator, out, _ = evaluation
+    r = evaluator.results
+    baseline, excess = r["baseline"], r["effectiveness_excess"]
+    assert excess["sex"]["none"] == pytest.approx(1.0 - 2.0 * baseline["sex"])  # the flipped-label AUC
+    assert excess["sex"]["soft"] == pytest.approx(r["effectiveness"]["sex"]["soft"]["sex"] - baseline["sex"])
+    assert excess["age"]["none"] == pytest.approx(r["effectiveness"]["age"]["none"]["age"] / baseline["age"] - 1.0)
+    # age is in the soft-target set of do(sex), do(race) and do(disease); the identity keeps the real images
+    detail = r["amplification_continuous_detail"]
+    assert set(detail["sex"]["none"]) == {"age"} and detail["age"]["none"] == {}
+    assert r["amplification_continuous"]["none"] == pytest.approx(0.0, abs=1e-12)
+    assert abs(r["amplification_continuous"]["soft"]) < 0.2
+    report = (out / "report.md").read_text()
+    assert "Continuous: mean MAE change" in report and "Effectiveness excess" in report
+
+
 def test_metrics_json_shape(evaluation):
     evaluator, out, _ = evaluation
     with open(out / "metrics.json") as handle:
         metrics = json.load(handle)  # strict JSON: NaN would have been written as null
     required = {"baseline", "effectiveness", "amplification", "composition", "reversibility", "ground_truth"}
-    required |= {"embedding_shift", "timing", "logit_shift", "realism", "utility"}
+    required |= {"embedding_shift", "timing", "logit_shift", "realism", "utility", "faithfulness"}
+    required |= {"effectiveness_excess", "amplification_continuous"}
     assert required <= set(metrics)
     assert set(metrics["baseline"]) == set(ATTRIBUTES)
     assert set(metrics["effectiveness"]) == set(GRAPH.image_parents)
