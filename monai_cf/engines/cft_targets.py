@@ -128,9 +128,11 @@ def cft_targets(
     """Targets of the guidance predictor on counterfactual images (Algorithm 1).
 
     Attributes that are intervened on or descend from the intervention get their counterfactual value (a
-    hard label). The others, the set A*, get the factual label in ``"hard"`` mode and, for discrete
-    attributes, the guidance predictor's probability on the *real* image in ``"soft"`` mode; continuous
-    attributes in A* keep their (hard) factual value in both modes.
+    hard label). The others, the set A*, get the factual label in ``"hard"`` mode and the guidance
+    predictor's reading of the *real* image in ``"soft"`` mode, for every kind of attribute: its probability
+    for a discrete attribute, its predicted mean (in encoded units) for a continuous one, so that the loss on
+    the counterfactual (cross-entropy; MSE or Gaussian NLL on the mean) asks for the reading the real image
+    had, not for the label.
 
     Args:
         graph: the causal graph.
@@ -138,8 +140,9 @@ def cft_targets(
         factual: encoded factual attributes, ``(B, dim)``.
         counterfactual: encoded counterfactual attributes, ``(B, dim)``.
         affected: from :func:`affected_mask`.
-        real_probabilities: the predictor's probabilities on the real images (``(B, 1)`` for binary,
-            ``(B, K)`` for categorical), needed in soft mode.
+        real_probabilities: the predictor's readings of the real images, as
+            :meth:`~monai_cf.networks.AttributePredictor.probabilities` returns them (``(B, 1)`` for binary,
+            ``(B, K)`` for categorical, the mean ``(B, 1)`` for continuous), needed in soft mode.
 
     Returns:
         ``{name: (B, dim)}`` targets in the layout :class:`~monai_cf.networks.nets.AttributeLoss` takes:
@@ -150,9 +153,9 @@ def cft_targets(
     targets = {}
     for name in graph.image_parents:
         unintervened = factual[name].float()
-        if mode == "soft" and graph[name].is_discrete:
+        if mode == "soft":
             if real_probabilities is None or name not in real_probabilities:
-                raise ValueError(f"Soft targets need the predictor's probabilities on real images for '{name}'.")
+                raise ValueError(f"Soft targets need the predictor's reading of the real images for '{name}'.")
             unintervened = real_probabilities[name].float().reshape(unintervened.shape)
         mask = affected[name].reshape(-1, 1)
         targets[name] = torch.where(mask, counterfactual[name].float(), unintervened)

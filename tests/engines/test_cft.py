@@ -145,12 +145,14 @@ def test_engine_targets_under_do_sex(loader, mode):
     with torch.no_grad():
         real = predictor.probabilities(batch["image"])
     first = recorder.targets[0]
-    if mode == "soft":  # A* = {race, age, disease}: the guidance predictor's probabilities on the real images
+    encoded_age = scm.encoder.encode_attribute("age", batch["age"])
+    if mode == "soft":  # A* = {race, age, disease}: the guidance predictor's readings of the real images
         assert torch.allclose(first["race"], real["race"], atol=1e-6)
         assert torch.allclose(first["disease"], real["disease"].reshape(-1, 1), atol=1e-6)
+        assert torch.allclose(first["age"], real["age"], atol=1e-6)  # continuous: its predicted mean
+        assert not torch.allclose(first["age"], encoded_age, atol=1e-3)
     else:  # hard: the factual labels
         assert torch.equal(first["race"], torch.nn.functional.one_hot(batch["race"].long(), 3).float())
         assert torch.equal(first["disease"][:, 0], batch["disease"].float())
-    encoded_age = scm.encoder.encode_attribute("age", batch["age"])
-    assert torch.allclose(first["age"], encoded_age, atol=1e-6)  # continuous: the factual value in both modes
+        assert torch.allclose(first["age"], encoded_age, atol=1e-6)
     assert set(first["sex"][:, 0].tolist()) <= {0.0, 1.0}  # intervened: a hard counterfactual label

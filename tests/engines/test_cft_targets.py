@@ -112,7 +112,7 @@ def test_soft_targets_under_do_sex_equal_the_predictor_probabilities():
     assert torch.equal(targets["sex"], flipped["sex"])  # intervened: hard counterfactual value
     assert torch.equal(targets["race"], probs["race"])  # A*: the predictor's probability on the real image
     assert torch.equal(targets["disease"], probs["disease"])
-    assert torch.equal(targets["age"], encoded["age"])  # continuous: the (unchanged) value, never a probability
+    assert torch.equal(targets["age"], probs["age"])  # continuous in A*: the predicted mean on the real image
 
 
 def test_soft_targets_under_do_age_give_disease_its_hard_counterfactual():
@@ -151,7 +151,7 @@ def test_mixed_batch_targets_follow_each_samples_intervention():
     for i in range(128):
         name = draws.attributes[int(draws.chosen[i])]
         a_star = GRAPH.soft_target_set([name])
-        for parent in ("sex", "race", "disease"):
+        for parent in ("sex", "race", "age", "disease"):
             expected = probs[parent][i] if parent in a_star else cf[parent][i]
             assert torch.equal(soft[parent][i], expected)
 
