@@ -19,6 +19,7 @@ resumes from its last checkpoint under ``models_dir/runs/<stage>``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -53,15 +54,26 @@ from monai_cf.handlers.tracking import BEST_CHECKPOINT, check_tracking_uri
 from monai_cf.networks import DeepSCM
 from monai_cf.networks.nets import AttributePredictor
 
-__all__ = ["CounterfactualPipeline", "STAGES", "CFT_FILE", "load_checkpoint", "locate_bundle_root"]
+__all__ = [
+    "CounterfactualPipeline",
+    "STAGES",
+    "PRETRAINED_STAGES",
+    "CFT_FILE",
+    "load_checkpoint",
+    "locate_bundle_root",
+    "state_checksum",
+]
 
 logger = logging.getLogger("monai_cf.pipeline")
 
 #: stage names in execution order
 STAGES = ("data", "guidance", "evaluation_predictor", "mechanisms", "hvae", "cft", "evaluate")
+#: the stages a shipped pretrained base provides (``pretrained_dir``); fine-tuning and evaluation always run
+PRETRAINED_STAGES = ("guidance", "evaluation_predictor", "mechanisms", "hvae")
 #: file name of a fine-tuned image model in ``models_dir``
 CFT_FILE = "hvae_cft_{mode}.pt"
 _PREDICTOR_FILES = {"guidance": "guidance_predictor.pt", "evaluation_predictor": "evaluation_predictor.pt"}
+_STAGE_FILES = {**_PREDICTOR_FILES, "mechanisms": "mechanisms.pt", "hvae": "hvae.pt"}
 CHECKPOINT_VERSION = 1
 PHANTOM_GRAPH = "mimic_cxr"
 #: the batch key of the image for every trainer and the evaluator, whatever the graph calls its image
@@ -110,6 +122,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION or "state_dict" not in ckpt:
         raise ValueError(f"'{path}' is not a monai_cf pipeline checkpoint (version {CHECKPOINT_VERSION}).")
     return ckpt
+
+
+def state_checksum(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and values: what a stage file's ``checksum`` records.
+
+    Example::
+
+        state_checksum(model.state_dict())  # '9f2c...'
+    """
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = torch.as_tensor(state_dict[key]).detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _rank() -> int:
@@ -189,6 +216,10 @@ class CounterfactualPipeline:
             it; for real data it must exist and hold the CSVs.
         output_dir: evaluation outputs (``metrics.json``, ``report.md``, figures, ``timing.json``).
         models_dir: stage files (default ``<output_dir>/../models``).
+        pretrained_dir: a shipped pretrained base: stage files of the predictors, mechanisms and HVAE (see
+            :meth:`pretrain`). A stage whose file is missing from ``models_dir`` takes the file from here when its
+            checksum verifies and it was trained with this pipeline's settings (the data folder's location aside
+            for phantom data); otherwise the stage trains, and the log says why. ``None``: train everything.
         graph: the causal graph (name or dict, see :class:`~monai_cf.graph.CausalGraph`).
         phantom: ``{"n_train", "n_val", "n_test", "seed"}`` of the synthetic chest X-ray phantom, or ``None`` for
             real data.
@@ -235,6 +266,7 @@ class CounterfactualPipeline:
         dataset_dir: str | os.PathLike,
         output_dir: str | os.PathLike,
         models_dir: str | os.PathLike | None = None,
+        pretrained_dir: str | os.PathLike | None = None,
         graph: CausalGraph | Mapping | str = PHANTOM_GRAPH,
         phantom: Mapping[str, Any] | None = None,
         data: Mapping[str, Any] | None = None,
@@ -263,6 +295,8 @@ class CounterfactualPipeline:
         self.dataset_dir = Path(dataset_dir)
         self.output_dir = Path(output_dir)
         self.models_dir = Path(models_dir) if models_dir is not None else self.output_dir.parent / "models"
+        self.pretrained_dir = None if _cli_value(pretrained_dir) is None else Path(pretrained_dir)
+        self._pretrained_checked = False
         self.graph = CausalGraph.build(graph)
         phantom = _cli_value(phantom)
         self.phantom = None if phantom is None else {**DEFAULT_PHANTOM, **dict(phantom)}
@@ -381,6 +415,10 @@ class CounterfactualPipeline:
     def _stage_settings(self, stage: str) -> dict[str, Any]:
         common = {"graph": self.graph.to_dict(), "spatial_size": self.spatial_size, "seed": self.seed}
         data = {"phantom": self.phantom, "data": self.data, "dataset_dir": str(self.dataset_dir)}
+        if self.phantom is not None:
+            from monai_cf.data import PHANTOM_VERSION
+
+            data["phantom_version"] = PHANTOM_VERSION
         if stage in ("guidance", "evaluation_predictor"):
             return {**common, **data, "predictor": self.predictor}
         if stage == "mechanisms":
@@ -406,6 +444,7 @@ class CounterfactualPipeline:
         if "predictors" in wanted:
             wanted = [s for s in wanted if s != "predictors"] + ["guidance", "evaluation_predictor"]
         start = time.time()
+        self._adopt_pretrained()
         if "data" in wanted:
             self.stage_data()
         predictors = [(s, None) for s in ("guidance", "evaluation_predictor") if s in wanted]
@@ -516,6 +555,7 @@ class CounterfactualPipeline:
                 "uid": uid,
                 "settings": _jsonable(settings),
                 "state_dict": dict(state_dict),
+                "checksum": state_checksum(state_dict),
                 **dict(extra or {}),
             }
             torch.save(payload, tmp)
@@ -535,11 +575,12 @@ class CounterfactualPipeline:
                 shutil.rmtree(run_dir, ignore_errors=True)
             _barrier()
             return None
+        self._adopt_pretrained()
         if not path.is_file():
             self._check_run_dir(run_dir, settings)
             return None
         ckpt = load_checkpoint(path)
-        diff = _differences(ckpt["settings"], _jsonable(settings))
+        diff = _differences(self._comparable(ckpt["settings"]), self._comparable(_jsonable(settings)))
         if diff:
             raise ValueError(
                 f"'{path}' was trained with other settings ({'; '.join(diff[:6])}). Pass --retrain \"['{stage}']\" "
@@ -548,13 +589,93 @@ class CounterfactualPipeline:
         logger.info("Reusing %s (%s)", stage, path)
         return ckpt
 
+    def _comparable(self, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """Settings as compared for reuse: the phantom is defined by its own settings, not by where it lies."""
+        settings = dict(settings)
+        if self.phantom is not None:
+            settings.pop("dataset_dir", None)
+        return settings
+
+    def _expected_settings(self, stage: str) -> dict[str, Any]:
+        settings = self._stage_settings(stage)
+        return settings | {"role": stage} if stage in _PREDICTOR_FILES else settings
+
+    def _adopt_pretrained(self) -> None:
+        """Copy the shipped pretrained stage files that verify and fit this pipeline into ``models_dir``, once."""
+        if self._pretrained_checked or self.pretrained_dir is None:
+            return
+        self._pretrained_checked = True
+        for stage in PRETRAINED_STAGES:
+            name = _STAGE_FILES[stage]
+            target, source = self.models_dir / name, self.pretrained_dir / name
+            if stage in self.retrain or target.exists() or not source.is_file():
+                continue
+            problem = self._pretrained_problem(stage, source)
+            if problem:
+                logger.warning("Not using the shipped %s (%s): it trains from scratch.", source, problem)
+                continue
+            if _rank() == 0:
+                self.models_dir.mkdir(parents=True, exist_ok=True)
+                partial = target.with_suffix(".tmp")
+                shutil.copyfile(source, partial)
+                os.replace(partial, target)
+            logger.info("Using the shipped pretrained %s (%s)", stage, source)
+        _barrier()
+
+    def _pretrained_problem(self, stage: str, path: Path) -> str | None:
+        """Why a shipped stage file cannot stand in for training the stage, or ``None`` when it can."""
+        try:
+            ckpt = load_checkpoint(path)
+        except Exception as error:  # a damaged or foreign file is a reason to train, not to stop
+            return f"unreadable: {error}"
+        if ckpt.get("checksum") is None:
+            return "it carries no checksum"
+        actual = state_checksum(ckpt["state_dict"])
+        if actual != ckpt["checksum"]:
+            return f"checksum mismatch: the file says {ckpt['checksum'][:12]}..., its weights give {actual[:12]}..."
+        diff = _differences(self._comparable(ckpt["settings"]), self._comparable(_jsonable(self._expected_settings(stage))))
+        if diff:
+            return f"trained with other settings: {'; '.join(diff[:6])}"
+        return None
+
+    def pretrain(self) -> dict[str, Any]:
+        """Train the pretrained base from scratch into ``pretrained_dir``: both predictors, mechanisms and HVAE.
+
+        This is how the bundle's shipped base is made (``--run_id run_pretrain``). Files already in
+        ``pretrained_dir`` are reused if their settings match, and an interrupted run resumes; pass ``retrain`` to
+        replace them. Writes ``pretrained_dir/manifest.json`` with each file's checksum and the stage times.
+
+        Returns:
+            the manifest.
+        """
+        if self.pretrained_dir is None:
+            raise ValueError("pretrain() needs pretrained_dir: the folder the base is written to.")
+        kwargs = {**self._init_kwargs, "models_dir": self.pretrained_dir, "pretrained_dir": None}
+        base = CounterfactualPipeline(**kwargs)
+        base.run("data", "guidance", "evaluation_predictor", "mechanisms", "hvae")
+        manifest = {
+            "stages": {
+                stage: {
+                    "file": _STAGE_FILES[stage],
+                    "checksum": load_checkpoint(self.pretrained_dir / _STAGE_FILES[stage])["checksum"],
+                }
+                for stage in PRETRAINED_STAGES
+            },
+            "seconds": {k: round(v, 1) for k, v in base.timing.items()},
+            "threads": torch.get_num_threads(),
+        }
+        if _rank() == 0:
+            with open(self.pretrained_dir / "manifest.json", "w") as handle:
+                json.dump(manifest, handle, indent=2)
+        return manifest
+
     def _check_run_dir(self, run_dir: Path, settings: Mapping) -> None:
         """An interrupted stage resumes only with the settings it started with."""
         settings_file = run_dir / "settings.json"
         if settings_file.is_file():
             with open(settings_file) as handle:
                 old = json.load(handle)
-            diff = _differences(old, _jsonable(settings))
+            diff = _differences(self._comparable(old), self._comparable(_jsonable(settings)))
             if diff:
                 raise ValueError(
                     f"'{run_dir}' holds an interrupted run with other settings ({'; '.join(diff[:6])}); pass --retrain "
@@ -627,7 +748,7 @@ class CounterfactualPipeline:
         return settings, scm, self._reusable(stage, name, settings)
 
     def _mechanisms_stage(self) -> dict[str, Any]:
-        settings, scm, ckpt = self._fresh_scm_and_checkpoint("mechanisms", "mechanisms.pt")
+        settings, scm, ckpt = self._fresh_scm_and_checkpoint("mechanisms", _STAGE_FILES["mechanisms"])
         if ckpt is None:
             self._prepare_data()
             batch = int(self.mechanisms["batch_size"])
@@ -645,7 +766,7 @@ class CounterfactualPipeline:
             )
             _run_together(trainer)
             state = {k: v.cpu() for k, v in scm.mechanisms.state_dict().items()}
-            uid = self._save("mechanisms.pt", state, settings)
+            uid = self._save(_STAGE_FILES["mechanisms"], state, settings)
             ckpt = {"uid": uid, "state_dict": state}
         self.mechanisms_state = ckpt["state_dict"]
         self.mechanisms_uid = ckpt["uid"]
@@ -656,7 +777,7 @@ class CounterfactualPipeline:
         return self._timed("hvae", self._hvae_stage)
 
     def _hvae_stage(self) -> DeepSCM:
-        settings, scm, ckpt = self._fresh_scm_and_checkpoint("hvae", "hvae.pt")
+        settings, scm, ckpt = self._fresh_scm_and_checkpoint("hvae", _STAGE_FILES["hvae"])
         if ckpt is None:
             self._prepare_data()
             training = dict(self.hvae_training)
@@ -674,7 +795,7 @@ class CounterfactualPipeline:
             _run_together(trainer)
             model = trainer.ema.module if trainer.ema is not None else scm.image_model
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            uid = self._save("hvae.pt", state, settings, {"image_model": _jsonable(self.image_model_config)})
+            uid = self._save(_STAGE_FILES["hvae"], state, settings, {"image_model": _jsonable(self.image_model_config)})
             _barrier()
             ckpt = {"uid": uid, "state_dict": state}
         self.pretrained_state = ckpt["state_dict"]

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from monai_cf.pipeline import STAGES, CounterfactualPipeline, load_checkpoint
+from monai_cf.pipeline.workflow import state_checksum
 from tests.pipeline.helpers import (
     INFERENCE,
     OWN_COLUMNS,
@@ -231,6 +232,66 @@ def test_retrain_hvae_fine_tunes_again_and_keeps_the_predictors(phantom_run, mod
         assert after[name][0] != before[name][0], name
     hvae_uid = after["hvae.pt"][0]
     assert all(load_checkpoint(models / f"hvae_cft_{m}.pt")["settings"]["hvae"] == hvae_uid for m in ("hard", "soft"))
+
+
+BASE_FILES = ("guidance_predictor.pt", "evaluation_predictor.pt", "mechanisms.pt", "hvae.pt")
+
+
+def _shipped_base(phantom_run, tmp_path) -> Path:
+    """The phantom run's predictors, mechanisms and HVAE as a shipped pretrained base."""
+    shipped = tmp_path / "pretrained"
+    shipped.mkdir()
+    for name in BASE_FILES:
+        shutil.copy(phantom_run["root"] / "models" / name, shipped / name)
+    return shipped
+
+
+def test_main_job_adopts_a_verified_pretrained_base(phantom_run, tmp_path, capfd):
+    shipped = _shipped_base(phantom_run, tmp_path)
+    models = tmp_path / "models"
+    capfd.readouterr()
+    _rerun_on_copy(phantom_run, models, tmp_path / "eval", "run", pretrained_dir=str(shipped))
+    log = "".join(capfd.readouterr())
+    for stage in ("guidance", "evaluation_predictor", "mechanisms", "hvae"):
+        assert f"Using the shipped pretrained {stage} ({shipped}" in log, stage
+    assert "[hvae]" not in log and "HVAETrainer" not in log  # no base stage trained
+    for name in BASE_FILES:
+        assert load_checkpoint(models / name)["uid"] == load_checkpoint(shipped / name)["uid"], name
+    hvae_uid = load_checkpoint(shipped / "hvae.pt")["uid"]
+    assert load_checkpoint(models / "hvae_cft_soft.pt")["settings"]["hvae"] == hvae_uid  # fine-tuned from it
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+
+
+def test_tampered_or_mismatched_pretrained_files_retrain(phantom_run, tmp_path, capfd):
+    shipped = _shipped_base(phantom_run, tmp_path)
+    hvae = torch.load(shipped / "hvae.pt", weights_only=True)
+    hvae["state_dict"]["encoder.stem.bias"] += 1.0  # weights changed, checksum not
+    torch.save(hvae, shipped / "hvae.pt")
+    models = tmp_path / "models"
+    capfd.readouterr()
+    # the mechanisms were trained for 1 epoch: a config asking for 2 must not take them
+    _rerun_on_copy(
+        phantom_run, models, tmp_path / "eval", "run_hvae", pretrained_dir=str(shipped), **{"mechanisms#max_epochs": 2}
+    )
+    log = "".join(capfd.readouterr())
+    assert f"Not using the shipped {shipped / 'hvae.pt'} (checksum mismatch" in log
+    assert f"Not using the shipped {shipped / 'mechanisms.pt'} (trained with other settings: mechanisms.max_epochs: 1 -> 2" in log
+    assert "Using the shipped pretrained guidance" in log
+    assert load_checkpoint(models / "hvae.pt")["uid"] != hvae["uid"]  # trained here instead
+    assert not (models / "mechanisms.pt").exists()  # not taken; run_hvae does not need it
+
+
+def test_run_pretrain_writes_the_base_with_checksums(tmp_path):
+    root = tmp_path / "bundle"
+    run_bundle(TRAIN, run_id="run_pretrain", bundle_root=str(root), **TINY)
+    shipped = root / "pretrained"
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"guidance", "evaluation_predictor", "mechanisms", "hvae"}
+    for entry in manifest["stages"].values():
+        ckpt = load_checkpoint(shipped / entry["file"])
+        assert ckpt["checksum"] == entry["checksum"] == state_checksum(ckpt["state_dict"])
+    assert manifest["seconds"]["hvae"] > 0.0
+    assert not (root / "models").exists()  # nothing fine-tuned, nothing evaluated
 
 
 def test_side_by_side_training_matches_one_after_the_other(phantom_run, tmp_path, capfd):

@@ -614,6 +614,10 @@ class HVAE(nn.Module):
             with the default architecture (``encoder_arch=None``), every resolution otherwise.
         bias_max_res: learned decoder bias maps at resolutions up to this (always one at the first decoder
             resolution, the decoder's starting state).
+        parent_maps_max_res: at decoder resolutions up to this, the parents also enter the deterministic state
+            through a learned linear map to a full spatial map (a parent-dependent bias map, zero at
+            initialisation; the prior stream never sees it). 0: parents enter only as the reference does,
+            spatially constant.
         act: activation for MONAI's ``Act`` factory (GELU by default).
         stem_kernel_size: kernel size of the encoder's stem convolution.
         min_logscale: floor of the likelihood's log-scale.
@@ -688,6 +692,7 @@ class HVAE(nn.Module):
         bottleneck: int = 4,
         z_max_res: int | None = None,
         bias_max_res: int = 64,
+        parent_maps_max_res: int = 0,
         act: str | tuple = "GELU",
         stem_kernel_size: int = 7,
         min_logscale: float = -9.0,
@@ -761,6 +766,18 @@ class HVAE(nn.Module):
                 if res <= bias_max_res or res == first_res
             }
         )
+        self.parent_maps_max_res = int(parent_maps_max_res)
+        # parent-dependent bias maps of the deterministic state (never of the prior stream): a linear path from
+        # the parents to a spatial map at each resolution, zero at initialisation
+        self.parent_maps = nn.ModuleDict(
+            {
+                str(res): nn.Linear(parents_dim, dec_widths[i] * res**spatial_dims, bias=False)
+                for i, (res, _) in enumerate(dec_stages)
+                if parents_dim > 0 and res <= self.parent_maps_max_res
+            }
+        )
+        for linear in self.parent_maps.values():
+            nn.init.zeros_(linear.weight)
 
         # encoder features enter each posterior through its first 1x1 conv: one fused conv per resolution
         mids_at: dict[int, list[int]] = {}
@@ -1021,6 +1038,12 @@ class HVAE(nn.Module):
         loc, logscale = out.chunk(2, dim=1)
         return loc, logscale.clamp_min(self.min_logscale)
 
+    def _add_parent_map(self, h: torch.Tensor, pa: torch.Tensor | None, resolution: int) -> torch.Tensor:
+        linear = self.parent_maps[str(resolution)] if str(resolution) in self.parent_maps else None
+        if linear is None or pa is None:
+            return h
+        return h + linear(pa).view(h.shape)
+
     @staticmethod
     def _upsample(t: torch.Tensor, factor: int, bias: torch.Tensor | None) -> torch.Tensor:
         # nearest neighbour by broadcasting: its gradient is a sum over the copies instead of F.interpolate's
@@ -1059,6 +1082,7 @@ class HVAE(nn.Module):
         start = self.bias_maps[str(first)]
         z_stream = start.expand((batch,) + start.shape[1:])
         h = start.expand((batch * branches,) + start.shape[1:])
+        h = self._add_parent_map(h, pa, first)
 
         state_pa: list[torch.Tensor | None] = [None] * len(blocks)
         posterior_extra: dict[int, list[torch.Tensor]] = {}
@@ -1089,7 +1113,7 @@ class HVAE(nn.Module):
             if h.shape[-1] < res:
                 factor = res // h.shape[-1]
                 bias = self.bias_maps[str(res)] if str(res) in self.bias_maps else None
-                h = self._upsample(h, factor, bias)
+                h = self._add_parent_map(self._upsample(h, factor, bias), pa, res)
                 z_stream = self._upsample(z_stream, factor, bias)
             if block.stochastic and features is not None and not want_kl:
                 # latents from the posterior and no KL: the prior's mean and scale are not needed

@@ -459,3 +459,35 @@ def test_upsample_is_nearest_neighbour_interpolation(spatial_dims):
     assert torch.equal(ours, torch.nn.functional.interpolate(t, scale_factor=3, mode="nearest") + bias)
     (grad,) = torch.autograd.grad(ours.sum(), t)
     assert torch.equal(grad, torch.full_like(t, 3.0**spatial_dims))
+
+
+def test_parent_maps_start_at_zero_and_stay_out_of_the_prior():
+    torch.manual_seed(4)
+    model = HVAE(**TINY_2D, parent_maps_max_res=8, precision="fp32")
+    assert set(model.parent_maps) == {"1", "4", "8"}  # the decoder resolutions up to 8
+    x, pa = _data(TINY_2D, batch=4, seed=4)
+    latents = model.abduct(x, pa, posterior_mean=True)
+    with torch.no_grad():
+        before, _ = model.decode(latents, pa)
+        saved = {k: m.weight.clone() for k, m in model.parent_maps.items()}
+        for linear in model.parent_maps.values():
+            linear.weight.normal_(0.0, 0.5)
+        shifted, _ = model.decode(latents, pa)
+        for k, w in saved.items():
+            model.parent_maps[k].weight.copy_(w)
+        again, _ = model.decode(latents, pa)
+    torch.testing.assert_close(again, before)  # zero maps: the model without them
+    assert (shifted - before).abs().mean() > 1e-3  # non-zero maps move the decode
+    # the prior stream never sees them: prior latents are the same under any parents
+    with torch.no_grad():
+        for linear in model.parent_maps.values():
+            linear.weight.normal_(0.0, 0.5)
+    torch.manual_seed(5)
+    _, _, z_a = model._decoder_pass(pa, batch=4, want_latents=True)
+    torch.manual_seed(5)
+    _, _, z_b = model._decoder_pass(pa + 2.0, batch=4, want_latents=True)
+    assert all(torch.equal(a, b) for a, b in zip(z_a, z_b))
+    # and the null intervention is still the identity
+    torch.testing.assert_close(model.counterfactual(x, pa, pa, posterior_mean=True), x, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError):
+        HVAE(**{**TINY_2D, "parents_dim": 0}, parent_maps_max_res=8).counterfactual(x, None, pa)
