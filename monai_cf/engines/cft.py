@@ -22,6 +22,7 @@ from torch import nn
 
 from monai_cf.engines.cft_targets import (
     CFT_MODES,
+    INTERVENED_TARGETS,
     DampedLagrangian,
     affected_mask,
     cft_targets,
@@ -33,7 +34,10 @@ from monai_cf.networks.nets.mechanisms import counterfactual_all
 from monai_cf.networks.nets.predictor import AttributeLoss, AttributePredictor
 from monai_cf.networks.scm import DeepSCM
 
-__all__ = ["CFT_OUTPUT_KEYS", "CounterfactualFineTuner", "measure_nelbo", "create_cft_trainer"]
+__all__ = ["CFT_OUTPUT_KEYS", "CFT_TRAINABLE", "CounterfactualFineTuner", "measure_nelbo", "create_cft_trainer"]
+
+#: what fine-tuning updates: the whole HVAE (the reference), or only the pathway of the parents into it
+CFT_TRAINABLE = ("all", "parents")
 
 CFT_OUTPUT_KEYS = (
     "loss",
@@ -88,6 +92,14 @@ class CounterfactualFineTuner(HVAETrainer):
         force_change: discrete interventions always change the value (see
             :func:`~monai_cf.engines.cft_targets.sample_interventions`); the reference permutes the batch's
             values, which leaves about half of the binary interventions null.
+        proximity_weight: weight of ``mean |x* - x|`` (images in ``[-1, 1]``) added to the predictor loss: edits
+            as small as the targets allow, so pixels the intervention does not reach stay as they were (0: off,
+            the reference objective).
+        intervened_targets: ``"hard"``: the intervened attribute and its descendants target their counterfactual
+            labels (Algorithm 1, the reference); ``"transported"``: the guidance predictor's reading of the real
+            image carried to the counterfactual value
+            (:func:`~monai_cf.engines.cft_targets.transported_reading`), which does not reward edits beyond what
+            real images show.
         kwargs: further :class:`~monai_cf.engines.HVAETrainer` arguments (``grad_clip``, ``ema_rate``, ``seed``...).
 
     Example::
@@ -115,6 +127,8 @@ class CounterfactualFineTuner(HVAETrainer):
         predictor_loss: nn.Module | None = None,
         intervene_on: Sequence[str] | None = None,
         force_change: bool = False,
+        proximity_weight: float = 0.0,
+        intervened_targets: str = "hard",
         **kwargs: Any,
     ) -> None:
         if mode not in CFT_MODES:
@@ -131,6 +145,12 @@ class CounterfactualFineTuner(HVAETrainer):
         self.graph = scm.graph
         self.intervene_on = tuple(self.graph.check_names(intervene_on or self.graph.image_parents))
         self.force_change = bool(force_change)
+        if proximity_weight < 0:
+            raise ValueError(f"proximity_weight must be >= 0, got {proximity_weight}.")
+        self.proximity_weight = float(proximity_weight)
+        if intervened_targets not in INTERVENED_TARGETS:
+            raise ValueError(f"intervened_targets must be one of {INTERVENED_TARGETS}, got '{intervened_targets}'.")
+        self.intervened_targets = intervened_targets
         self.guidance_predictor = guidance_predictor.to(self.state.device)
         self.predictor_loss = predictor_loss or AttributeLoss(self.graph)
         frozen = [self.guidance_predictor, scm.mechanisms]
@@ -173,7 +193,7 @@ class CounterfactualFineTuner(HVAETrainer):
             )
             pa_cf = scm.parents_vector(encoded_cf)
             real_probabilities = None
-            if engine.mode == "soft":
+            if engine.mode == "soft" or engine.intervened_targets == "transported":
                 real_probabilities = engine.guidance_predictor.probabilities(image)
         training = engine.mode != "none"
         engine.forward_module.train(training)
@@ -191,9 +211,13 @@ class CounterfactualFineTuner(HVAETrainer):
                 encoded_cf,
                 affected,
                 real_probabilities,
+                engine.intervened_targets if training else "hard",
             )
             predictor_loss = engine.predictor_loss(outputs, targets)
-            loss = engine.lagrangian(predictor_loss, terms["nelbo"]) if training else predictor_loss
+            objective = predictor_loss
+            if engine.proximity_weight:
+                objective = objective + engine.proximity_weight * (terms["x_cf"] - x).abs().mean()
+            loss = engine.lagrangian(objective, terms["nelbo"]) if training else objective
         engine.state.output = {
             "loss": loss.detach(),
             "nelbo": terms["nelbo"].detach(),
@@ -316,6 +340,9 @@ def create_cft_trainer(
     distributed: bool | None = None,
     force_change: bool = False,
     warmup_steps: int = 0,
+    proximity_weight: float = 0.0,
+    trainable: str = "all",
+    intervened_targets: str = "hard",
     **handler_kwargs: Any,
 ) -> CounterfactualFineTuner:
     """A :class:`CounterfactualFineTuner` with the reference settings and the usual handlers, ready to ``run()``.
@@ -324,7 +351,11 @@ def create_cft_trainer(
     learning rate 0.1 as the Soft-CFT runs; the nELBO bound is measured on ``constraint_batches`` training batches
     when not given. ``force_change=True`` makes every discrete intervention change the value (the reference
     permutes the batch's values); ``warmup_steps`` ramps the learning rate up linearly (none by default), which
-    lets a larger ``lr`` start without breaking the pretrained model. Checkpoints, resume, progress bar and MLflow as
+    lets a larger ``lr`` start without breaking the pretrained model. ``proximity_weight`` adds ``mean |x* - x|`` to
+    the objective. ``trainable="parents"`` updates only the parents' pathway into the HVAE
+    (:meth:`~monai_cf.networks.nets.HVAE.parents_pathway_parameters`; the other parameters get
+    ``requires_grad=False``), so that fine-tuning changes how the parents act while the blocks that draw the image
+    stay as the likelihood trained them. Checkpoints, resume, progress bar and MLflow as
     :func:`~monai_cf.engines.create_hvae_trainer` (``handler_kwargs`` go to
     :func:`~monai_cf.engines.setup_training_handlers`).
 
@@ -338,9 +369,16 @@ def create_cft_trainer(
     network = network.to(device)
     if elbo_constraint is None and mode != "none":
         elbo_constraint = measure_nelbo(network, train_loader, constraint_batches, device)
-    optimizer = torch.optim.AdamW(
-        network.image_model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay
-    )
+    if trainable not in CFT_TRAINABLE:
+        raise ValueError(f"trainable must be one of {CFT_TRAINABLE}, got {trainable!r}.")
+    if trainable == "parents":
+        parameters = network.image_model.parents_pathway_parameters()
+        chosen = {id(p) for p in parameters}
+        for p in network.image_model.parameters():
+            p.requires_grad_(id(p) in chosen)  # no weight gradients for the frozen blocks: a cheaper backward
+    else:
+        parameters = list(network.image_model.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
     trainer = CounterfactualFineTuner(
         device=device,
         max_epochs=max_epochs,
@@ -359,6 +397,8 @@ def create_cft_trainer(
         distributed=distributed,
         force_change=force_change,
         warmup_steps=warmup_steps,
+        proximity_weight=proximity_weight,
+        intervened_targets=intervened_targets,
     )
     params = {
         "stage": f"cft_{mode}",
@@ -375,6 +415,9 @@ def create_cft_trainer(
         "seed": seed,
         "force_change": force_change,
         "warmup_steps": warmup_steps,
+        "proximity_weight": proximity_weight,
+        "trainable": trainable,
+        "intervened_targets": intervened_targets,
         "world_size": torch.distributed.get_world_size() if is_distributed() else 1,
     }
     params.update(handler_kwargs.pop("tracking_params", None) or {})

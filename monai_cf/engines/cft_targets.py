@@ -25,10 +25,22 @@ from torch import nn
 
 from monai_cf.graph import CausalGraph
 
-__all__ = ["CFT_MODES", "InterventionBatch", "sample_interventions", "affected_mask", "cft_targets", "DampedLagrangian"]
+__all__ = [
+    "CFT_MODES",
+    "INTERVENED_TARGETS",
+    "InterventionBatch",
+    "sample_interventions",
+    "affected_mask",
+    "cft_targets",
+    "transported_reading",
+    "DampedLagrangian",
+]
 
 #: ``none``: no fine-tuning (the baseline); ``hard``: factual labels for A*; ``soft``: predictor probabilities.
 CFT_MODES = ("none", "hard", "soft")
+#: targets of the intervened attributes and their descendants: ``hard`` counterfactual labels (Algorithm 1), or
+#: the real image's reading ``transported`` to the counterfactual value (:func:`transported_reading`)
+INTERVENED_TARGETS = ("hard", "transported")
 
 
 @dataclass
@@ -117,6 +129,49 @@ def affected_mask(graph: CausalGraph, interventions: InterventionBatch) -> dict[
     return masks
 
 
+def transported_reading(
+    graph: CausalGraph,
+    name: str,
+    factual: torch.Tensor,
+    counterfactual: torch.Tensor,
+    reading: torch.Tensor,
+) -> torch.Tensor:
+    """The predictor's reading of a real image carried over to the attribute's counterfactual value.
+
+    A counterfactual should be as typical of its new value as the real image was of its old one, no more: a
+    hard label asks the predictor for certainty, which real images rarely give, and fine-tuning then exaggerates
+    the edit. The reading moves with the value:
+
+    - binary: ``p*(1) = p(1)`` where the value is unchanged, ``1 - p(1)`` where it flips (the confidence in the
+      factual class becomes the confidence in the counterfactual one);
+    - categorical: the probabilities of the factual and the counterfactual class swap places;
+    - continuous: the predicted mean shifted by the change of the value, ``m + (a* - a)`` (the predictor's
+      error on the real image is kept), clipped to the encoded range ``[-1, 1]``.
+
+    Args:
+        graph: the causal graph.
+        name: the attribute.
+        factual: encoded factual values ``(B, dim)``.
+        counterfactual: encoded counterfactual values ``(B, dim)``.
+        reading: the predictor's reading of the real images, as
+            :meth:`~monai_cf.networks.AttributePredictor.probabilities` gives it.
+
+    Example::
+
+        transported_reading(graph, "sex", torch.tensor([[0.0]]), torch.tensor([[1.0]]), torch.tensor([[0.2]]))
+        # tensor([[0.8]]): read as female as surely as the real image was read as male
+    """
+    var = graph[name]
+    reading = reading.float().reshape(factual.shape)
+    if not var.is_discrete:
+        return (reading + (counterfactual.float() - factual.float())).clamp(-1.0, 1.0)
+    if factual.shape[-1] == 1:
+        flipped = (counterfactual != factual).float()
+        return reading + flipped * (1.0 - 2.0 * reading)
+    old, new = factual.argmax(-1, keepdim=True), counterfactual.argmax(-1, keepdim=True)
+    return reading.scatter(-1, new, reading.gather(-1, old)).scatter(-1, old, reading.gather(-1, new))
+
+
 def cft_targets(
     graph: CausalGraph,
     mode: str,
@@ -124,6 +179,7 @@ def cft_targets(
     counterfactual: Mapping[str, torch.Tensor],
     affected: Mapping[str, torch.Tensor],
     real_probabilities: Mapping[str, torch.Tensor] | None = None,
+    intervened: str = "hard",
 ) -> dict[str, torch.Tensor]:
     """Targets of the guidance predictor on counterfactual images (Algorithm 1).
 
@@ -142,7 +198,11 @@ def cft_targets(
         affected: from :func:`affected_mask`.
         real_probabilities: the predictor's readings of the real images, as
             :meth:`~monai_cf.networks.AttributePredictor.probabilities` returns them (``(B, 1)`` for binary,
-            ``(B, K)`` for categorical, the mean ``(B, 1)`` for continuous), needed in soft mode.
+            ``(B, K)`` for categorical, the mean ``(B, 1)`` for continuous), needed in soft mode and for
+            transported targets.
+        intervened: ``"hard"``: the intervened attribute and its descendants target their counterfactual value
+            (Algorithm 1); ``"transported"``: the real image's reading carried to that value
+            (:func:`transported_reading`), so that the edit is not pushed beyond what real images show.
 
     Returns:
         ``{name: (B, dim)}`` targets in the layout :class:`~monai_cf.networks.nets.AttributeLoss` takes:
@@ -150,15 +210,21 @@ def cft_targets(
     """
     if mode not in ("hard", "soft"):
         raise ValueError(f"Targets are defined for modes 'hard' and 'soft', got '{mode}'.")
+    if intervened not in INTERVENED_TARGETS:
+        raise ValueError(f"intervened must be one of {INTERVENED_TARGETS}, got '{intervened}'.")
     targets = {}
     for name in graph.image_parents:
+        needs_reading = mode == "soft" or intervened == "transported"
+        if needs_reading and (real_probabilities is None or name not in real_probabilities):
+            raise ValueError(f"Soft targets need the predictor's reading of the real images for '{name}'.")
         unintervened = factual[name].float()
         if mode == "soft":
-            if real_probabilities is None or name not in real_probabilities:
-                raise ValueError(f"Soft targets need the predictor's reading of the real images for '{name}'.")
             unintervened = real_probabilities[name].float().reshape(unintervened.shape)
+        changed = counterfactual[name].float()
+        if intervened == "transported":
+            changed = transported_reading(graph, name, factual[name], counterfactual[name], real_probabilities[name])
         mask = affected[name].reshape(-1, 1)
-        targets[name] = torch.where(mask, counterfactual[name].float(), unintervened)
+        targets[name] = torch.where(mask, changed, unintervened)
     return targets
 
 

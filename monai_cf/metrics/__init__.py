@@ -25,8 +25,8 @@ from .effectiveness import (
     logit_shift,
     roc_auc,
 )
-from .faithfulness import continuous_amplification, effectiveness_excess, relative_error_change, truth_gain
 from .embedding import EmbeddingPCA, frechet_distance, separating_mode, subgroup_shift, wasserstein_shift
+from .faithfulness import continuous_amplification, effectiveness_excess, relative_error_change, truth_gain
 from .interventions import draw_intervention_values
 from .soundness import (
     MAX_PSNR,

@@ -78,7 +78,7 @@ def effectiveness_excess(
     baseline: Mapping[str, float],
     effectiveness: Mapping[str, Mapping[str, Mapping[str, float]]],
 ) -> dict[str, dict[str, float]]:
-    """Per intervention ``do(k)`` and CF type, how much more confidently ``k`` is read on counterfactuals than on real images.
+    """Per intervention ``do(k)`` and CF type, how much more confidently ``k`` is read on CFs than on real images.
 
     Discrete ``k``: ``AUC_cf(k) - AUC_real(k)`` (positive: exaggerated edits; negative: edits too weak).
     Continuous ``k``: :func:`relative_error_change` of its MAE (negative: read more precisely than real images,

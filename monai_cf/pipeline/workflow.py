@@ -633,7 +633,9 @@ class CounterfactualPipeline:
         actual = state_checksum(ckpt["state_dict"])
         if actual != ckpt["checksum"]:
             return f"checksum mismatch: the file says {ckpt['checksum'][:12]}..., its weights give {actual[:12]}..."
-        diff = _differences(self._comparable(ckpt["settings"]), self._comparable(_jsonable(self._expected_settings(stage))))
+        diff = _differences(
+            self._comparable(ckpt["settings"]), self._comparable(_jsonable(self._expected_settings(stage)))
+        )
         if diff:
             return f"trained with other settings: {'; '.join(diff[:6])}"
         return None

@@ -131,20 +131,25 @@ class _RecordingLoss(torch.nn.Module):
         return self.loss(outputs, targets)
 
 
-@pytest.mark.parametrize("mode", ["soft", "hard"])
-def test_engine_targets_under_do_sex(loader, mode):
+def _first_targets_under_do_sex(loader, **kwargs):
+    """One epoch of do(sex) fine-tuning: the models, the targets of its first batch, the real images' readings."""
     scm, predictor = _models()
     optimizer = torch.optim.AdamW(scm.image_model.parameters(), lr=1e-4)
     tuner = CounterfactualFineTuner(
-        "cpu", 1, loader, scm, optimizer, predictor, mode=mode, elbo_constraint=2.0, intervene_on=["sex"], seed=0
+        "cpu", 1, loader, scm, optimizer, predictor, elbo_constraint=2.0, intervene_on=["sex"], seed=0, **kwargs
     )
     recorder = _RecordingLoss(tuner.predictor_loss)
     tuner.predictor_loss = recorder
     tuner.run()
-    batch = next(iter(loader))
     with torch.no_grad():
-        real = predictor.probabilities(batch["image"])
-    first = recorder.targets[0]
+        real = predictor.probabilities(next(iter(loader))["image"])
+    return scm, predictor, recorder.targets[0], real
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_engine_targets_under_do_sex(loader, mode):
+    scm, predictor, first, real = _first_targets_under_do_sex(loader, mode=mode)
+    batch = next(iter(loader))
     encoded_age = scm.encoder.encode_attribute("age", batch["age"])
     if mode == "soft":  # A* = {race, age, disease}: the guidance predictor's readings of the real images
         assert torch.allclose(first["race"], real["race"], atol=1e-6)
@@ -156,3 +161,62 @@ def test_engine_targets_under_do_sex(loader, mode):
         assert torch.equal(first["disease"][:, 0], batch["disease"].float())
         assert torch.allclose(first["age"], encoded_age, atol=1e-6)
     assert set(first["sex"][:, 0].tolist()) <= {0.0, 1.0}  # intervened: a hard counterfactual label
+
+
+def test_transported_targets_carry_the_real_reading_to_the_counterfactual(loader):
+    scm, predictor, first, real = _first_targets_under_do_sex(
+        loader, mode="soft", force_change=True, intervened_targets="transported"
+    )
+    optimizer = torch.optim.AdamW(scm.image_model.parameters(), lr=1e-4)
+    # do(sex) always flips it (force_change): the target is the real image's reading of the other sex
+    assert torch.allclose(first["sex"], 1.0 - real["sex"].reshape(-1, 1), atol=1e-6)
+    with pytest.raises(ValueError, match="intervened_targets"):
+        CounterfactualFineTuner(
+            "cpu", 1, loader, scm, optimizer, predictor, elbo_constraint=1.0, intervened_targets="soft"
+        )
+
+
+def test_proximity_weight_adds_the_edit_size_to_the_objective(loader):
+    losses = {}
+    for weight in (0.0, 5.0):
+        scm, predictor = _models()
+        tuner = create_cft_trainer(
+            scm,
+            predictor,
+            loader,
+            mode="soft",
+            max_epochs=1,
+            lr=0.0,
+            elbo_constraint=2.0,
+            stats=False,
+            proximity_weight=weight,
+            seed=0,
+        )
+        records = []
+        tuner.add_event_handler(Events.ITERATION_COMPLETED, lambda e: records.append(dict(e.state.output[0])))
+        tuner.run()
+        losses[weight] = records[0]
+    # same start and draws: the first losses differ by 5 * mean |x* - x| > 0, the other terms are equal
+    assert float(losses[5.0]["predictor_loss"]) == pytest.approx(float(losses[0.0]["predictor_loss"]), rel=1e-6)
+    assert float(losses[5.0]["nelbo"]) == pytest.approx(float(losses[0.0]["nelbo"]), rel=1e-6)
+    assert float(losses[5.0]["loss"] - losses[0.0]["loss"]) > 1e-3
+    with pytest.raises(ValueError, match="proximity_weight"):
+        scm, predictor = _models()
+        create_cft_trainer(scm, predictor, loader, elbo_constraint=1.0, proximity_weight=-1.0, stats=False)
+
+
+def test_trainable_parents_updates_only_the_parents_pathway(loader):
+    scm, predictor = _models()
+    before = _state(scm.image_model)
+    tuner = create_cft_trainer(
+        scm, predictor, loader, mode="hard", max_epochs=1, elbo_constraint=2.0, trainable="parents", stats=False
+    )
+    tuner.run()
+    pathway = {id(p) for p in scm.image_model.parents_pathway_parameters()}
+    names = {name for name, p in scm.image_model.named_parameters() if id(p) in pathway}
+    assert names and all(n.startswith(("state_parents_proj", "posterior_parents_proj", "parent_maps")) for n in names)
+    after = _state(scm.image_model)
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and changed <= names
+    with pytest.raises(ValueError, match="trainable"):
+        create_cft_trainer(scm, predictor, loader, elbo_constraint=1.0, trainable="decoder", stats=False)

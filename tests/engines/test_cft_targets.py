@@ -20,6 +20,7 @@ from monai_cf.engines.cft_targets import (
     affected_mask,
     cft_targets,
     sample_interventions,
+    transported_reading,
 )
 from monai_cf.graph import CausalGraph
 from monai_cf.networks.nets import build_mechanisms, counterfactual_all
@@ -154,6 +155,49 @@ def test_mixed_batch_targets_follow_each_samples_intervention():
         for parent in ("sex", "race", "age", "disease"):
             expected = probs[parent][i] if parent in a_star else cf[parent][i]
             assert torch.equal(soft[parent][i], expected)
+
+
+def test_transported_reading_moves_the_real_reading_with_the_value():
+    binary = transported_reading(
+        GRAPH,
+        "sex",
+        torch.tensor([[0.0], [1.0], [0.0]]),
+        torch.tensor([[1.0], [0.0], [0.0]]),
+        torch.tensor([[0.2], [0.7], [0.3]]),
+    )
+    assert torch.allclose(binary, torch.tensor([[0.8], [0.3], [0.3]]))  # flipped, flipped, unchanged
+    race = transported_reading(
+        GRAPH, "race", torch.eye(3)[[0, 1]], torch.eye(3)[[2, 0]], torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]])
+    )
+    assert torch.allclose(race, torch.tensor([[0.1, 0.3, 0.6], [0.5, 0.2, 0.3]]))  # factual and new class swap
+    age = transported_reading(
+        GRAPH, "age", torch.tensor([[0.1], [0.0]]), torch.tensor([[0.5], [0.9]]), torch.tensor([[0.2], [0.3]])
+    )
+    assert torch.allclose(age, torch.tensor([[0.6], [1.0]]))  # the predictor's error kept, clipped to the range
+
+
+def test_transported_targets_for_the_intervened_attribute_and_its_descendants():
+    encoded = _encoded(256)
+    mechanisms = build_mechanisms(GRAPH)
+    with torch.no_grad():
+        for p in mechanisms["disease"].parameters():
+            p.normal_(0.0, 3.0)
+    draws = _single("age", encoded, {"age": torch.full((256, 1), 0.9)})
+    cf = counterfactual_all(mechanisms, GRAPH, encoded, draws.do, draws.do_mask, torch.Generator().manual_seed(0))
+    probs = _probabilities(256)
+    targets = cft_targets(GRAPH, "soft", encoded, cf, affected_mask(GRAPH, draws), probs, intervened="transported")
+    flipped = (cf["disease"] != encoded["disease"])[:, 0]
+    assert flipped.any() and (~flipped).any()
+    assert torch.allclose(targets["disease"][flipped], 1.0 - probs["disease"][flipped])  # the descendant flips
+    assert torch.allclose(targets["disease"][~flipped], probs["disease"][~flipped])  # or keeps its reading
+    assert torch.allclose(targets["age"], (probs["age"] + 0.9 - encoded["age"]).clamp(-1, 1))
+    assert torch.equal(targets["sex"], probs["sex"]) and torch.equal(targets["race"], probs["race"])
+    hard = cft_targets(GRAPH, "hard", encoded, cf, affected_mask(GRAPH, draws), probs, intervened="transported")
+    assert torch.equal(hard["sex"], encoded["sex"]) and torch.allclose(hard["age"], targets["age"])
+    with pytest.raises(ValueError, match="'race'"):
+        cft_targets(GRAPH, "hard", encoded, cf, affected_mask(GRAPH, draws), {"sex": probs["sex"]}, "transported")
+    with pytest.raises(ValueError, match="'sideways'"):
+        cft_targets(GRAPH, "soft", encoded, cf, affected_mask(GRAPH, draws), probs, intervened="sideways")
 
 
 def test_soft_mode_needs_probabilities_and_modes_are_checked():

@@ -275,7 +275,10 @@ def test_tampered_or_mismatched_pretrained_files_retrain(phantom_run, tmp_path, 
     )
     log = "".join(capfd.readouterr())
     assert f"Not using the shipped {shipped / 'hvae.pt'} (checksum mismatch" in log
-    assert f"Not using the shipped {shipped / 'mechanisms.pt'} (trained with other settings: mechanisms.max_epochs: 1 -> 2" in log
+    assert (
+        f"Not using the shipped {shipped / 'mechanisms.pt'} (trained with other settings: mechanisms.max_epochs: 1 -> 2"
+        in log
+    )
     assert "Using the shipped pretrained guidance" in log
     assert load_checkpoint(models / "hvae.pt")["uid"] != hvae["uid"]  # trained here instead
     assert not (models / "mechanisms.pt").exists()  # not taken; run_hvae does not need it

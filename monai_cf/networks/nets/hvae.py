@@ -992,6 +992,18 @@ class HVAE(nn.Module):
             return torch.autocast(device_type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def parents_pathway_parameters(self) -> list[nn.Parameter]:
+        """The parameters through which the parents enter: their projections into the decoder state and the
+        posterior, and the parent maps. Fine-tuning only these changes how the parents act on an image while the
+        blocks that draw images stay as maximum likelihood trained them.
+
+        Example::
+
+            optimizer = torch.optim.AdamW(model.parents_pathway_parameters(), lr=1e-3)
+        """
+        modules = [self.state_parents_proj, self.posterior_parents_proj, self.parent_maps]
+        return [p for module in modules if module is not None for p in module.parameters()]
+
     @property
     def num_latents(self) -> int:
         """Number of stochastic decoder blocks, i.e. the length of the latents list."""
