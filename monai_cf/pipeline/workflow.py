@@ -428,7 +428,8 @@ class CounterfactualPipeline:
             return {
                 **common,
                 **data,
-                "image_model": self.image_model_config,
+                # how counterfactuals carry the pixel noise does not change what the HVAE learns
+                "image_model": {k: v for k, v in self.image_model_config.items() if k != "counterfactual_noise"},
                 "training": training,
                 "batch_size": self.batch_size,
             }
@@ -880,6 +881,7 @@ class CounterfactualPipeline:
         return {
             "mode": mode,
             "cft": self._cft_options(),
+            "counterfactual_noise": self.image_model_config.get("counterfactual_noise", "scaled"),
             "batch_size": self.batch_size,
             "seed": self.seed,
             "hvae": self.hvae_uid,

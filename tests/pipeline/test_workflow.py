@@ -221,6 +221,16 @@ def test_changed_setting_without_retrain_names_the_difference(phantom_run, tmp_p
     assert _stage_files(root / "models") == before
 
 
+def test_counterfactual_noise_keeps_the_hvae_and_asks_to_fine_tune_again(phantom_run, models_copy, tmp_path):
+    before = _stage_files(models_copy)
+    with pytest.raises(Exception) as error:
+        _rerun_on_copy(phantom_run, models_copy, tmp_path, "run_cft", **{"image_model#counterfactual_noise": "shifted"})
+    text = messages(error.value)
+    assert "hvae_cft_" in text and "counterfactual_noise: 'scaled' -> 'shifted'" in text
+    assert "hvae.pt" not in text  # what the HVAE learnt does not depend on it
+    assert _stage_files(models_copy) == before
+
+
 def test_retrain_hvae_fine_tunes_again_and_keeps_the_predictors(phantom_run, models_copy, tmp_path):
     models = models_copy
     before = _stage_files(models)

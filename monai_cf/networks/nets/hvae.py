@@ -627,6 +627,8 @@ class HVAE(nn.Module):
         precision: arithmetic of the convolution stacks, see :attr:`precision`: ``"auto"`` (bfloat16 autocast
             where the device computes bf16 natively, else float32), ``"bf16"`` or ``"fp32"``. The likelihood,
             the KL terms, the latents and the losses are float32 in every mode; so are the parameters.
+        counterfactual_noise: how :meth:`counterfactual` carries the abducted pixel noise, see
+            :attr:`counterfactual_noise`. It does not change training or the weights.
 
     Example::
 
@@ -700,6 +702,7 @@ class HVAE(nn.Module):
         beta: float = 1.0,
         free_bits: float = 0.0,
         precision: str = "auto",
+        counterfactual_noise: str = "scaled",
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -738,6 +741,7 @@ class HVAE(nn.Module):
         self.beta = float(beta)
         self.free_bits = float(free_bits)
         self.precision = precision
+        self.counterfactual_noise = counterfactual_noise
         self.encoder_stages, self.decoder_stages, self.widths = enc_stages, dec_stages, widths
         self.act = get_act_layer(act)
 
@@ -1003,6 +1007,24 @@ class HVAE(nn.Module):
         """
         modules = [self.state_parents_proj, self.posterior_parents_proj, self.parent_maps]
         return [p for module in modules if module is not None for p in module.parameters()]
+
+    #: how :meth:`counterfactual` carries the pixel noise of the factual decode to the counterfactual one
+    COUNTERFACTUAL_NOISE = ("scaled", "shifted")
+
+    @property
+    def counterfactual_noise(self) -> str:
+        """How counterfactuals keep the pixel noise: ``"scaled"`` (the reference) abducts ``u = (x - loc) / scale``
+        and returns ``loc* + scale* * u``; ``"shifted"`` keeps the residual ``x - loc`` in pixel units and returns
+        ``x + (loc* - loc)``, so that pixels whose mean the parents do not move stay exactly as they were (with
+        ``"scaled"`` a parent that changes the predicted uncertainty of a pixel rescales its residual, an edit
+        spread over the whole image). Both are exact for the null intervention."""
+        return self._counterfactual_noise
+
+    @counterfactual_noise.setter
+    def counterfactual_noise(self, value: str) -> None:
+        if value not in self.COUNTERFACTUAL_NOISE:
+            raise ValueError(f"counterfactual_noise must be one of {self.COUNTERFACTUAL_NOISE}, got {value!r}.")
+        self._counterfactual_noise = value
 
     @property
     def num_latents(self) -> int:
@@ -1320,9 +1342,10 @@ class HVAE(nn.Module):
 
         Abducts the latents ``z`` and the pixel noise ``u = (x - loc) / scale`` of the factual decode, then
         returns ``clamp(loc* + scale* * u, -1, 1)`` where ``(loc*, scale*)`` decode the same ``z`` under
-        ``pa_cf``. With ``pa_cf == pa`` this is ``x`` up to float error. The factual and counterfactual
-        decodes share one pass (the prior stream does not depend on the parents). Gradients flow, for
-        counterfactual fine-tuning; wrap in ``torch.no_grad()`` for inference.
+        ``pa_cf`` (``clamp(x + loc* - loc, -1, 1)`` with :attr:`counterfactual_noise` ``"shifted"``). With
+        ``pa_cf == pa`` this is ``x`` up to float error. The factual and counterfactual decodes share one pass
+        (the prior stream does not depend on the parents). Gradients flow, for counterfactual fine-tuning; wrap
+        in ``torch.no_grad()`` for inference.
 
         Args:
             x: images in ``[-1, 1]``, ``(B, C, *spatial)``.
@@ -1359,10 +1382,14 @@ class HVAE(nn.Module):
             loc, logscale = self._likelihood_params(h)
             loc = loc.unflatten(0, (branches, batch))
             logscale = logscale.unflatten(0, (branches, batch))
-            noise = (x - loc[0]) * torch.exp(-logscale[0])
+            residual = x - loc[0]
             if noise_temperature != 1.0:
-                noise = noise * noise_temperature
-            x_cf = (loc[1:] + torch.exp(logscale[1:]) * noise.unsqueeze(0)).clamp(-1.0, 1.0)
+                residual = residual * noise_temperature
+            if self.counterfactual_noise == "shifted":
+                x_cf = (loc[1:] + residual.unsqueeze(0)).clamp(-1.0, 1.0)
+            else:
+                noise = residual * torch.exp(-logscale[0])
+                x_cf = (loc[1:] + torch.exp(logscale[1:]) * noise.unsqueeze(0)).clamp(-1.0, 1.0)
             return x_cf if stacked else x_cf[0]
 
     # -------------------------------------------------------------------------------------------- helpers

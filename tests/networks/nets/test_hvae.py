@@ -127,6 +127,24 @@ def test_null_intervention_is_identity(config):
     assert torch.allclose(stacked[1], cf1, atol=1e-5)
 
 
+def test_shifted_counterfactual_noise_keeps_the_residual_in_pixel_units():
+    model, x, pa = _fp32_model_and_data(batch=3)
+    latents = model.abduct(x, pa, posterior_mean=True)
+    loc_f, _ = model.decode(latents, pa)
+    loc_c, _ = model.decode(latents, pa.flip(0))
+    scaled = model.counterfactual(x, pa, pa.flip(0), latents=latents)
+    model.counterfactual_noise = "shifted"
+    shifted = model.counterfactual(x, pa, pa.flip(0), latents=latents)
+    assert torch.allclose(shifted, (x + loc_c - loc_f).clamp(-1, 1), atol=1e-5)
+    assert not torch.allclose(shifted, scaled, atol=1e-3)
+    assert (model.counterfactual(x, pa, pa, latents=latents) - x).abs().max() < 1e-5
+    same = HVAE(**TINY_2D, precision="fp32", counterfactual_noise="shifted")
+    assert same.counterfactual_noise == "shifted"
+    assert set(same.state_dict()) == set(model.state_dict())  # an inference setting: no weights of its own
+    with pytest.raises(ValueError, match="counterfactual_noise"):
+        model.counterfactual_noise = "additive"
+
+
 def test_prior_is_exogenous_and_parents_change_decode():
     torch.manual_seed(2)
     model = HVAE(**TINY_2D)
