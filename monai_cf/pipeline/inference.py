@@ -74,9 +74,12 @@ def load_scm(models_dir: str | os.PathLike, cf_type: str = "soft", device: str |
         raise ValueError(f"cf_type must be 'none', 'hard' or 'soft'; got {cf_type!r}.")
     models_dir = Path(models_dir)
     hvae = load_checkpoint(models_dir / "hvae.pt")
-    scm = DeepSCM.from_config({"graph": hvae["settings"]["graph"], "image_model": hvae["image_model"]})
     image_file = models_dir / ("hvae.pt" if cf_type == "none" else CFT_FILE.format(mode=cf_type))
-    scm.image_model.load_state_dict(load_checkpoint(image_file)["state_dict"])
+    image = hvae if cf_type == "none" else load_checkpoint(image_file)
+    # a fine-tuned file carries the image model's settings it was tuned with (its counterfactual_noise too)
+    image_model = image.get("image_model") or hvae["image_model"]
+    scm = DeepSCM.from_config({"graph": hvae["settings"]["graph"], "image_model": image_model})
+    scm.image_model.load_state_dict(image["state_dict"])
     scm.mechanisms.load_state_dict(load_checkpoint(models_dir / "mechanisms.pt")["state_dict"])
     return scm.to(device).eval()
 
