@@ -216,7 +216,10 @@ def cft_targets(
     for name in graph.image_parents:
         needs_reading = mode == "soft" or intervened == "transported"
         if needs_reading and (real_probabilities is None or name not in real_probabilities):
-            raise ValueError(f"Soft targets need the predictor's reading of the real images for '{name}'.")
+            raise ValueError(
+                f"{mode} targets ({intervened} for the intervened) need the predictor's reading of the real images "
+                f"for '{name}'."
+            )
         unintervened = factual[name].float()
         if mode == "soft":
             unintervened = real_probabilities[name].float().reshape(unintervened.shape)
