@@ -116,20 +116,25 @@ def test_soft_targets_under_do_sex_equal_the_predictor_probabilities():
     assert torch.equal(targets["age"], probs["age"])  # continuous in A*: the predicted mean on the real image
 
 
-def test_soft_targets_under_do_age_give_disease_its_hard_counterfactual():
-    encoded = _encoded(256)
+def _do_age_with_a_sensitive_disease(n: int = 256):
+    """do(age := 0.9) on ``n`` samples, with disease mechanism weights large enough that some diagnoses flip."""
+    encoded = _encoded(n)
     mechanisms = build_mechanisms(GRAPH)
     with torch.no_grad():
         for p in mechanisms["disease"].parameters():
             p.normal_(0.0, 3.0)
-    new_age = {"age": torch.full((256, 1), 0.9)}
-    draws = _single("age", encoded, new_age)
+    draws = _single("age", encoded, {"age": torch.full((n, 1), 0.9)})
     cf = counterfactual_all(mechanisms, GRAPH, encoded, draws.do, draws.do_mask, torch.Generator().manual_seed(0))
+    return encoded, draws, cf
+
+
+def test_soft_targets_under_do_age_give_disease_its_hard_counterfactual():
+    encoded, draws, cf = _do_age_with_a_sensitive_disease()
     assert bool((cf["disease"] != encoded["disease"]).any())  # some diagnoses flip with age
     probs = _probabilities(256)
     targets = cft_targets(GRAPH, "soft", encoded, cf, affected_mask(GRAPH, draws), probs)
     assert torch.equal(targets["disease"], cf["disease"])
-    assert torch.equal(targets["age"], new_age["age"])
+    assert torch.equal(targets["age"], torch.full((256, 1), 0.9))  # intervened: the new value
     assert torch.equal(targets["sex"], probs["sex"]) and torch.equal(targets["race"], probs["race"])
 
 
@@ -177,13 +182,7 @@ def test_transported_reading_moves_the_real_reading_with_the_value():
 
 
 def test_transported_targets_for_the_intervened_attribute_and_its_descendants():
-    encoded = _encoded(256)
-    mechanisms = build_mechanisms(GRAPH)
-    with torch.no_grad():
-        for p in mechanisms["disease"].parameters():
-            p.normal_(0.0, 3.0)
-    draws = _single("age", encoded, {"age": torch.full((256, 1), 0.9)})
-    cf = counterfactual_all(mechanisms, GRAPH, encoded, draws.do, draws.do_mask, torch.Generator().manual_seed(0))
+    encoded, draws, cf = _do_age_with_a_sensitive_disease()
     probs = _probabilities(256)
     targets = cft_targets(GRAPH, "soft", encoded, cf, affected_mask(GRAPH, draws), probs, intervened="transported")
     flipped = (cf["disease"] != encoded["disease"])[:, 0]
