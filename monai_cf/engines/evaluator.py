@@ -48,6 +48,7 @@ from monai_cf.metrics import (
     attribute_performance,
     composition_distances,
     continuous_amplification,
+    counterfactual_consistency,
     draw_intervention_values,
     effectiveness_excess,
     frechet_distance,
@@ -228,6 +229,9 @@ class _Accumulator:
         self.ground_truth: dict[str, dict[str, dict[str, list[torch.Tensor]]]] = {}
         self.unchanged_l1: dict[str, list[torch.Tensor]] = {}
         self.descendants: dict[str, dict[str, dict[str, list[torch.Tensor]]]] = {}
+        self.interventions: dict[str, list[torch.Tensor]] = {}
+        self.true_attributes: dict[str, dict[str, list[torch.Tensor]]] = {}
+        self.true_outputs: dict[str, dict[str, list[torch.Tensor]]] = {}
         self.composition: dict[str, dict[int, list[torch.Tensor]]] = {}
         self.reversibility: dict[str, dict[str, list[torch.Tensor]]] = {}
         self.feature_rows = 0
@@ -285,6 +289,11 @@ class CounterfactualEvaluator(Evaluator):
       counterfactual (the do-nothing baseline), ``truth_gain[k][cf_type]`` ``= 1 - L1(x*, x_true) / L1(x, x_true)``
       (ratio of means; positive: the edit moves toward the truth) and its mean over interventions
       ``truth_gain_mean[cf_type]``;
+    - ``consistency``: counterfactual consistency (:func:`~monai_cf.metrics.counterfactual_consistency`): per
+      intervention and attribute, the bounds that the graph and ``observational_data`` put on the probability
+      that the attribute changes, that probability read from the counterfactual images (adjusted for the
+      predictor's confusion on real images) and from the model's counterfactual attributes, the truth on the
+      phantom, and whether each lies inside the bounds; ``outside`` counts the rows outside per CF type;
     - ``embedding_shift``: W1 distances between real and counterfactual predictor embeddings along the
       leading whitened PCA modes, per intervention, CF type, unintervened attribute and subgroup;
     - ``realism``: FID on predictor features; ``utility`` (only with ``utility_data``): Table 2;
@@ -316,6 +325,10 @@ class CounterfactualEvaluator(Evaluator):
         max_feature_samples: embeddings (PCA, FID) use the first this many test samples (``None``: all).
         num_examples: patients shown in the counterfactual grids.
         utility_data: training data (same formats as ``data``) for the utility stage; ``None`` skips it.
+        observational_data: canonical attribute values ``{name: (M,)}`` the consistency bounds are computed from
+            (e.g. the training split's labels; default: the test labels).
+        consistency: compute the counterfactual-consistency table.
+        consistency_bins: quantile bins per continuous attribute in the consistency table.
         train_predictor_fn: ``(images, attributes) -> predictor`` for the utility stage (default:
             :func:`train_attribute_predictor`).
         output_dir: where a :class:`~monai_cf.handlers.report.CounterfactualReportWriter` writes the report.
@@ -356,6 +369,9 @@ class CounterfactualEvaluator(Evaluator):
         max_feature_samples: int | None = 2000,
         num_examples: int = 4,
         utility_data: Iterable | Mapping[str, Any] | None = None,
+        observational_data: Mapping[str, Sequence[float]] | None = None,
+        consistency: bool = True,
+        consistency_bins: int = 3,
         train_predictor_fn: Callable[[torch.Tensor, Mapping[str, torch.Tensor]], nn.Module] | None = None,
         output_dir: str | None = None,
         tracking_uri: str | None = None,
@@ -403,6 +419,11 @@ class CounterfactualEvaluator(Evaluator):
         self.max_feature_samples = max_feature_samples
         self.num_examples = int(num_examples)
         self.utility_data = utility_data
+        self.observational_data = self._check_observational(observational_data)
+        self.compute_consistency = bool(consistency)
+        self.consistency_bins = int(consistency_bins)
+        if self.consistency_bins < 2:
+            raise ValueError(f"consistency_bins must be at least 2, got {consistency_bins}.")
         self.train_predictor_fn = train_predictor_fn or functools.partial(
             train_attribute_predictor, graph=self.graph, seed=self.seed
         )
@@ -486,6 +507,7 @@ class CounterfactualEvaluator(Evaluator):
                     pool = pa[k].cpu().numpy()
                 values = draw_intervention_values(self.graph, k, pa[k].cpu().numpy(), self._rng, pool, self.min_gap)
                 dos[k] = torch.as_tensor(values).to(device=x.device, dtype=pa[k].dtype)
+                _append(acc.interventions, [k], dos[k])
 
         truth: dict[str, tuple[torch.Tensor, dict[str, np.ndarray]]] = {}
         if noise is not None:
@@ -497,7 +519,15 @@ class CounterfactualEvaluator(Evaluator):
                     cf = renderer.counterfactual_batch(factual, {k: dos[k].cpu().numpy()})
                     image = torch.from_numpy(cf[self.image_key]).to(device=x.device, dtype=x.dtype)
                     truth[k] = (image, {n: np.asarray(cf[n]) for n in self.graph.attributes})
+                    for n in self.graph.attributes:
+                        _append(acc.true_attributes, [k, n], torch.as_tensor(truth[k][1][n]))
                     _append(acc.unchanged_l1, [k], l1_255(x, image))
+            if self.compute_consistency:
+                with self._stage("consistency"):
+                    _, true_outputs = self._predict(torch.cat([truth[k][0] for k in self.intervened]))
+                    for index, k in enumerate(self.intervened):
+                        for name, value in true_outputs.items():
+                            _append(acc.true_outputs, [k, name], value[index * size : (index + 1) * size])
 
         for cf_type, runner in self._runners.items():
             with self._stage("counterfactuals"):
@@ -685,6 +715,9 @@ class CounterfactualEvaluator(Evaluator):
             "ground_truth": self._ground_truth_results(),
         }
         results["faithfulness"] = self._faithfulness_results(results["ground_truth"], cf_types)
+        if self.compute_consistency:
+            with self._stage("consistency"):
+                results["consistency"] = self._consistency_results(labels, real_outputs)
         with self._stage("embedding_shift"):
             results["embedding_shift"] = self._embedding_results(labels)
         with self._stage("realism"):
@@ -737,6 +770,46 @@ class CounterfactualEvaluator(Evaluator):
             "truth_gain": gains,
             "truth_gain_mean": {c: _finite_mean(gains[k].get(c, float("nan")) for k in gains) for c in cf_types},
         }
+
+    def _check_observational(self, data: Mapping[str, Sequence[float]] | None) -> dict[str, np.ndarray] | None:
+        if data is None:
+            return None
+        missing = [n for n in self.graph.attributes if n not in data]
+        if missing:
+            raise ValueError(f"observational_data lacks attributes {missing}; it has {sorted(data)}.")
+        arrays = {n: _numpy(data[n]).reshape(-1) for n in self.graph.attributes}
+        sizes = {n: v.size for n, v in arrays.items()}
+        if len(set(sizes.values())) != 1 or not next(iter(sizes.values())):
+            raise ValueError(f"observational_data needs one value per row for every attribute, got sizes {sizes}.")
+        return arrays
+
+    def _consistency_results(
+        self, labels: Mapping[str, torch.Tensor], real_outputs: Mapping[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        acc = self._acc
+        observational = self.observational_data or {n: v.numpy() for n, v in labels.items()}
+        truth = None
+        if acc.true_attributes:
+            truth = {
+                k: {n: torch.cat(v).numpy() for n, v in by_name.items()} for k, by_name in acc.true_attributes.items()
+            }
+        cf_types = list(self.counterfactual_fns)
+        return counterfactual_consistency(
+            self.graph,
+            observational,
+            {n: v.numpy() for n, v in labels.items()},
+            {k: torch.cat(v).numpy() for k, v in acc.interventions.items()},
+            real_outputs,
+            {c: {k: _cat(acc.cf_outputs[c][k]) for k in self.intervened} for c in cf_types},
+            {
+                c: {k: {n: v.numpy() for n, v in _cat(acc.cf_labels[c][k]).items()} for k in self.intervened}
+                for c in cf_types
+            },
+            truth=truth,
+            truth_outputs={k: _cat(v) for k, v in acc.true_outputs.items()} or None,
+            num_bins=self.consistency_bins,
+            seed=self.seed,
+        )
 
     def _embedding_results(self, labels: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         acc = self._acc

@@ -185,6 +185,7 @@ def format_report(results: Mapping[str, Any], figures: Sequence[str | os.PathLik
     lines[-1] += "from the intervention should stay at the baseline; an increase is attribute amplification."
 
     lines += _faithfulness_lines(results, cf_types)
+    lines += _consistency_lines(results, cf_types)
 
     amp = results.get("amplification", {})
     amp_continuous = results.get("amplification_continuous", {})
@@ -359,6 +360,92 @@ def _faithfulness_lines(results: Mapping[str, Any], cf_types: Sequence[str]) -> 
             "",
             "Discrete: a positive AUC excess means counterfactuals are read more confidently than real images (an "
             "exaggerated edit). Continuous: the MAE change in units of the real-image MAE (negative: exaggerated).",
+        ]
+    return lines
+
+
+def _consistency_lines(results: Mapping[str, Any], cf_types: Sequence[str]) -> list[str]:
+    """The counterfactual-consistency table: bounds, truth and each CF type's estimates of P(attribute changes)."""
+    table = results.get("consistency") or {}
+    summary = table.get("summary", {})
+    if not summary:
+        return []
+
+    def mark(value: Any, inside: Any) -> str:
+        if not _finite(value):
+            return "n/a"
+        return f"{value:.3f} {'✓' if inside else '✗'}"
+
+    has_truth = any("truth" in row for by_a in summary.values() for row in by_a.values())
+    truth_images = any("truth_images" in row for by_a in summary.values() for row in by_a.values())
+    truth_header = "Truth: images / attributes" if truth_images else "Truth"
+    header = ["Intervention", "Attribute", "Bounds", *([truth_header] if has_truth else []), "Reading cal. error"]
+    header += [f"{_cf_name(c)}: images / model" for c in cf_types]
+    rows = []
+    calibration = table.get("calibration_error", {})
+    for k, by_a in summary.items():
+        for i, (a, row) in enumerate(by_a.items()):
+            lower, upper = row.get("lower"), row.get("upper")
+            bounds = (
+                _plain(lower, 3) if _finite(lower) and lower == upper else f"[{_plain(lower, 3)}, {_plain(upper, 3)}]"
+            )
+            cells = [f"do({k})" if i == 0 else "", a, bounds]
+            if has_truth:
+                truth = mark(row.get("truth"), row.get("truth_inside"))
+                if truth_images:
+                    truth = f"{mark(row.get('truth_images'), row.get('truth_images_inside'))} / {truth}"
+                cells.append(truth)
+            cells.append(_plain(calibration.get(k, {}).get(a), 3))
+            for c in cf_types:
+                entry = row.get(c, {})
+                cells.append(
+                    f"{mark(entry.get('images'), entry.get('images_inside'))} / "
+                    f"{mark(entry.get('scm'), entry.get('scm_inside'))}"
+                )
+            rows.append(cells)
+    config = table.get("config", {})
+    lines = ["", "## Counterfactual consistency (bounds from the graph and the observational data)", ""]
+    lines += _table(header, rows)
+    outside = table.get("outside", {})
+    verdicts = [
+        f"{_cf_name(c)}: images {outside[c].get('images', 0)}, model {outside[c].get('scm', 0)}"
+        for c in cf_types
+        if c in outside
+    ]
+    if "truth" in outside:
+        verdicts.append(
+            f"truth: images {outside['truth'].get('images', 0)}, attributes {outside['truth'].get('scm', 0)}"
+        )
+    cells = table.get("cells", [])
+    detail = {}
+    for row in cells:
+        if row.get("cell") == "all":
+            continue
+        if row.get("truth_images_inside") is False:
+            detail.setdefault("truth (images)", set()).add(f"do({row['intervention']}) → {row['attribute']}")
+        for c, entry in row.get("estimates", {}).items():
+            for source in ("images", "scm"):
+                if entry.get(f"{source}_inside") is False:
+                    detail.setdefault(c, set()).add(f"do({row['intervention']}) → {row['attribute']}")
+    lines += [
+        "",
+        "P(the attribute's level changes) under the evaluator's interventions, over all test units (continuous "
+        f"attributes in {config.get('num_bins', '?')} quantile bins). Bounds: a point for the intervened attribute "
+        "and its non-descendants, an interval from linear programming over response functions for descendants. "
+        "Images: the evaluation predictor's reading of the counterfactuals, adjusted for its confusion on real "
+        "images of the same context (the intervened attribute, and the read attribute's causal neighbours); model: "
+        "the DSCM's own counterfactual attributes; truth (phantom): the true counterfactual images read the same way "
+        "(a test of the reading), and the true counterfactual attributes. ✓ inside, ✗ outside the bounds, with a "
+        f"tolerance of {config.get('z', '?')} standard errors (estimate and bounds) plus, for images, the reading's "
+        "calibration error (its error on real images, which do not change).",
+        "",
+        f"Rows outside their bounds: {'; '.join(verdicts)}.",
+    ]
+    if detail:
+        lines += [
+            "Cells (factual levels of the intervened attribute and of the attribute) outside: "
+            + "; ".join(f"{_cf_name(c)}: {', '.join(sorted(v))}" for c, v in detail.items())
+            + " (every cell in `metrics.json`, `consistency.cells`)."
         ]
     return lines
 

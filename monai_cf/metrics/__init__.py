@@ -8,8 +8,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Counterfactual metrics: effectiveness and amplification, faithfulness, soundness, ground truth, embedding
-shift, realism.
+"""Counterfactual metrics: effectiveness and amplification, faithfulness, consistency bounds, soundness, ground
+truth, embedding shift, realism.
 
 Every function here measures; none trains. :class:`monai_cf.engines.CounterfactualEvaluator` runs them over
 a test set and writes ``metrics.json`` and ``report.md``.
@@ -17,6 +17,16 @@ a test set and writes ``metrics.json`` and ``report.md``.
 
 from __future__ import annotations
 
+from .consistency import (
+    AttributeLevels,
+    adjusted_reading,
+    conditional_tables,
+    counterfactual_bounds,
+    counterfactual_consistency,
+    frechet_bounds,
+    reading_calibration_error,
+    reading_context,
+)
 from .effectiveness import (
     amplification,
     attribute_performance,
@@ -49,6 +59,14 @@ __all__ = [
     "effectiveness_excess",
     "continuous_amplification",
     "draw_intervention_values",
+    "AttributeLevels",
+    "frechet_bounds",
+    "conditional_tables",
+    "counterfactual_bounds",
+    "adjusted_reading",
+    "reading_calibration_error",
+    "reading_context",
+    "counterfactual_consistency",
     "CounterfactualFn",
     "l1_255",
     "composition_distances",

@@ -995,6 +995,10 @@ class CounterfactualPipeline:
                 "phantom": SyntheticCXR.from_directory(self.dataset_dir),
                 "phantom_noise": SyntheticCXR.read_noise(self.dataset_dir, "test"),
             }
+        if options.get("consistency", True) and "observational_data" not in options:
+            # the consistency bounds come from the training split's labels: more rows than the test split
+            records = load_csv_datalist(self._csv("train"), self.graph, check_images=False, **self._datalist_kwargs())
+            options["observational_data"] = {n: [r[n] for r in records] for n in self.graph.attributes}
         run_id = None
         if self.tracking_uri is not None:
             run_id = self._mlflow_run("evaluate")

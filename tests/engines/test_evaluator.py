@@ -418,3 +418,76 @@ def test_format_report_reproduces_the_paper_layout():
     assert "|  | Hard-CFT | **99.0 (↑ 5.2)** | 99.7 (↑ 0.1) | 96.4 (↑ 2.2) |" in report
     assert "|  | Soft-CFT | **98.7 (↑ 4.9)** | 99.5 (↓ 0.1) | 94.3 (↑ 0.1) |" in report
     assert "| Hard-CFT | 1.15 |" in report
+
+
+def test_consistency_table_on_the_phantom(evaluation):
+    evaluator, out, _ = evaluation
+    table = evaluator.results["consistency"]
+    summary = table["summary"]
+    assert set(summary) == set(GRAPH.image_parents) and all(set(by_a) == set(ATTRIBUTES) for by_a in summary.values())
+    # the true counterfactual attributes lie inside every bound, in every cell
+    assert table["outside"]["truth"]["scm"] == 0 and all(row["truth_inside"] for row in table["cells"])
+    disease = summary["age"]["disease"]
+    assert 0.0 < disease["lower"] <= disease["truth"] <= disease["upper"] < 1.0
+    assert summary["sex"]["race"]["lower"] == summary["sex"]["race"]["upper"] == 0.0
+    # "soft" returns the true counterfactual attributes; the identity keeps disease under do(age) and its
+    # unchanged images are read as unchanged under do(sex), where the bound says sex always changes
+    assert table["outside"]["soft"]["scm"] == 0
+    assert summary["age"]["disease"]["none"]["scm"] == 0.0 and summary["age"]["disease"]["none"]["scm_inside"] == 0.0
+    assert summary["sex"]["sex"]["none"]["images"] < 0.1 and summary["sex"]["sex"]["none"]["images_inside"] == 0.0
+    assert summary["sex"]["sex"]["soft"]["images"] > 0.9 and summary["sex"]["sex"]["soft"]["images_inside"] == 1.0
+    assert summary["sex"]["sex"]["truth_images"] == summary["sex"]["sex"]["soft"]["images"]  # the same images
+    assert 0.0 <= table["calibration_error"]["sex"]["sex"] < 0.1
+    assert evaluator.state.metrics["consistency/summary/age/disease/lower"] == pytest.approx(disease["lower"])
+    assert "consistency" in evaluator.results["timing"]["stages"]
+    with open(out / "metrics.json") as handle:
+        cells = json.load(handle)["consistency"]["cells"]
+    assert len(cells) == len(table["cells"]) and {"lower", "upper", "estimates", "cell"} <= set(cells[0])
+    report = (out / "report.md").read_text()
+    assert "## Counterfactual consistency" in report
+    assert "| do(age) | sex | 0.000 |" in report and f"| disease | [{disease['lower']:.3f}, " in report
+
+
+def test_consistency_on_a_user_graph_without_ground_truth(tmp_path):
+    """The bundle README's own-data graph: scanner, thickness -> lesion; no phantom, no truth."""
+    graph = CausalGraph.from_dict(
+        {
+            "scanner": {"kind": "categorical", "class_names": ["A", "B", "C"]},
+            "thickness": {"kind": "continuous", "range": [0, 10]},
+            "lesion": {"kind": "binary", "parents": ["scanner", "thickness"]},
+            "image": {"kind": "image", "parents": ["scanner", "thickness", "lesion"]},
+        }
+    )
+    rng = np.random.default_rng(0)
+    n = 48
+    scanner, thickness = rng.integers(0, 3, n), rng.uniform(0, 10, n)
+    lesion = (rng.uniform(size=n) < 0.2 + 0.06 * thickness).astype(np.int64)
+    data = {"image": rng.uniform(size=(n, 1, SIZE, SIZE)).astype(np.float32), "scanner": scanner}
+    data |= {"thickness": thickness, "lesion": lesion}
+    attributes = {k: torch.as_tensor(data[k]) for k in graph.attributes}
+    with one_thread():
+        torch.manual_seed(0)
+        scm = DeepSCM(graph, image_model={"spatial_dims": 2, "in_channels": 1, "spatial_size": SIZE})
+        predictor = train_attribute_predictor(
+            torch.from_numpy(data["image"]), attributes, graph, epochs=1, channels=(4, 8)
+        )
+        evaluator = CounterfactualEvaluator(
+            graph,
+            data,
+            predictor,
+            {"none": scm},
+            batch_size=24,
+            composition_cycles=(),
+            reversibility=False,
+            num_examples=0,
+            output_dir=str(tmp_path),
+        )
+        evaluator.run()
+    table = evaluator.results["consistency"]
+    lesion_row = table["summary"]["thickness"]["lesion"]
+    assert 0.0 <= lesion_row["lower"] <= lesion_row["upper"] <= 1.0 and lesion_row["lower"] < lesion_row["upper"]
+    assert "truth" not in lesion_row and "truth" not in table["outside"]
+    assert table["summary"]["lesion"]["scanner"]["upper"] == 0.0
+    assert set(table["summary"]["scanner"]["lesion"]["none"]) == {"images", "images_inside", "scm", "scm_inside"}
+    report = (tmp_path / "report.md").read_text()
+    assert "## Counterfactual consistency" in report and "| do(thickness) | scanner | 0.000 |" in report
