@@ -415,6 +415,26 @@ def _luma(array: np.ndarray) -> np.ndarray:
     return (rgb.astype(np.float64) @ _LUMA_WEIGHTS).astype(np.float32)
 
 
+class _OncePerProcess(logging.Filter):
+    """Lets a log message through the first time only (MONAI logs the missing GPU DICOM codec per reader built)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message = message
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.message not in record.getMessage():
+            return True
+        seen, self.seen = self.seen, True
+        return not seen
+
+
+_CODEC_LOGGER = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+if not any(isinstance(f, _OncePerProcess) for f in _CODEC_LOGGER.filters):
+    _CODEC_LOGGER.addFilter(_OncePerProcess("nvImageCodec is not available"))
+
+
 class LoadGrayscaleImaged(LoadImaged):
     """``LoadImaged`` that always reads through one :class:`GrayscaleImageReader`, channel first, float32.
 

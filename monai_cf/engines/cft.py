@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -199,10 +200,15 @@ class CounterfactualFineTuner(HVAETrainer):
         engine.forward_module.train(training)
         engine.optimizer.zero_grad(set_to_none=True)
         engine.lagrange_optimizer.zero_grad(set_to_none=True)
+        mixed = engine.amp and engine.scaler is not None
+        precision = torch.autocast("cuda", **engine.amp_kwargs) if mixed else contextlib.nullcontext()
         with torch.set_grad_enabled(training):
-            terms = engine.forward_module(x, pa, beta=engine.beta, free_bits=engine.free_bits, pa_cf=pa_cf)
-            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            outputs = engine.guidance_predictor(scm.from_model_range(terms["x_cf"]))
+            with precision:
+                terms = engine.forward_module(x, pa, beta=engine.beta, free_bits=engine.free_bits, pa_cf=pa_cf)
+                engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+                outputs = engine.guidance_predictor(scm.from_model_range(terms["x_cf"]))
+            outputs = {k: v.float() for k, v in outputs.items()}
+            terms = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in terms.items()}
             affected = affected_mask(engine.graph, interventions)
             targets = cft_targets(
                 engine.graph,
@@ -231,7 +237,10 @@ class CounterfactualFineTuner(HVAETrainer):
         skipped = True
         grad_norm = torch.zeros((), device=image.device)
         if training:
-            loss.backward()
+            if mixed:
+                engine.scaler.scale(loss).backward()
+            else:
+                loss.backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             grad_norm, skipped = guarded_optimizer_step(
                 engine,
@@ -240,8 +249,11 @@ class CounterfactualFineTuner(HVAETrainer):
                 parameters=list(engine.image_model.parameters()),
                 grad_clip=engine.grad_clip,
                 grad_skip=engine.grad_skip,
+                scaler=engine.scaler if mixed else None,
             )
             if not skipped:
+                if mixed:  # the scaler unscaled the HVAE's gradients only
+                    engine.lagrangian.multiplier.grad /= engine.scaler.get_scale()
                 if is_distributed():
                     # Each rank sees its own nELBO; the multiplier must follow the global mean to stay in lockstep.
                     grad = engine.lagrangian.multiplier.grad

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -140,6 +141,7 @@ class AttributeMetrics(Metric):
         self.encoder = AttributeEncoder(self.graph)
         self.attributes = list(self.graph.image_parents) if attributes is None else self.graph.check_names(attributes)
         self.prefix = prefix
+        self._warned = False
         super().__init__(output_transform=output_transform, metrics_result_mode="flatten")
 
     def reset(self) -> None:
@@ -165,6 +167,7 @@ class AttributeMetrics(Metric):
     def compute(self) -> dict[str, float]:
         results: dict[str, float] = {}
         aucs, maes = [], []
+        gathered: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name in self.attributes:
             if not self._scores[name]:
                 raise RuntimeError("AttributeMetrics must have at least one update before it can be computed.")
@@ -174,6 +177,7 @@ class AttributeMetrics(Metric):
                 scores = idist.all_gather(scores)
                 labels = idist.all_gather(labels)
             kind = self.graph[name].kind
+            gathered[name] = (scores, labels)
             if kind == AttributeKind.CONTINUOUS:
                 predicted = self.encoder.decode_attribute(name, scores.unsqueeze(-1))
                 actual = self.encoder.decode_attribute(name, labels.unsqueeze(-1))
@@ -184,10 +188,28 @@ class AttributeMetrics(Metric):
                 aucs.append(results[f"{self.prefix}auc_{name}"])
         defined = [a for a in aucs if not math.isnan(a)]
         if aucs:
-            results[f"{self.prefix}mean_auc"] = float(np.mean(defined)) if defined else math.nan
+            results[f"{self.prefix}mean_auc"] = float(np.mean(defined)) if defined else self._mean_accuracy(gathered)
         if maes:
             results[f"{self.prefix}mean_mae"] = float(np.mean(maes))
         return results
+
+    def _mean_accuracy(self, gathered: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Stands in for the mean AUC when no AUC is defined (every discrete attribute has one class in the data)."""
+        accuracies = []
+        for name in self.attributes:
+            kind = self.graph[name].kind
+            if kind == AttributeKind.CONTINUOUS:
+                continue
+            scores, labels = gathered[name]
+            predicted = (scores > 0.5).float() if kind == AttributeKind.BINARY else scores.argmax(dim=-1).float()
+            accuracies.append(float((predicted == labels).float().mean()))
+        if not self._warned:
+            warnings.warn(
+                f"{self.prefix}mean_auc: no AUC is defined (each discrete attribute has a single class in the data); "
+                "the mean accuracy stands in, so that the best checkpoint is still chosen by something defined."
+            )
+            self._warned = True
+        return float(np.mean(accuracies))
 
 
 # ---------------------------------------------------------------------------------------------- mechanisms

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from .augmentation import AugmentationStudy, biased_subset, run_augmentation_study, subgroup_auc
+from .errors import install_bundle_excepthook, root_cause, running_monai_bundle
 from .inference import IMAGE_SUFFIXES, CounterfactualInference, load_scm, parse_intervention
 from .workflow import CFT_FILE, STAGES, CounterfactualPipeline, load_checkpoint, locate_bundle_root
 
@@ -30,4 +31,9 @@ __all__ = [
     "parse_intervention",
     "run_augmentation_study",
     "subgroup_auc",
+    "install_bundle_excepthook",
+    "root_cause",
 ]
+
+if running_monai_bundle():  # a bundle run's last line then names the culprit, not MONAI's wrapper
+    install_bundle_excepthook()

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from monai.data import DataLoader, Dataset
 
+from monai_cf.data import IMAGE_SUFFIXES as FORMAT_SUFFIXES
 from monai_cf.data import AttributeEncoder, load_csv_datalist, load_image_transforms
+from monai_cf.engines.cft_targets import CFT_MODES
 from monai_cf.engines.runtime import tune_cpu_allocator
 from monai_cf.graph import CausalGraph
 from monai_cf.networks import DeepSCM
@@ -35,8 +37,8 @@ __all__ = ["CounterfactualInference", "parse_intervention", "load_scm", "IMAGE_S
 
 logger = logging.getLogger("monai_cf.pipeline")
 
-#: file endings read from a folder of images
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz")
+#: file endings read from a folder of images: every format the CSV loader reads
+IMAGE_SUFFIXES = tuple(suffix for suffixes in FORMAT_SUFFIXES.values() for suffix in suffixes)
 
 
 def parse_intervention(do: Mapping[str, Any] | str, graph: CausalGraph) -> dict[str, Any]:
@@ -70,8 +72,8 @@ def load_scm(models_dir: str | os.PathLike, cf_type: str = "soft", device: str |
         scm = load_scm("bundles/cxr_soft_cft/models", "soft")
         x_cf, pa_cf = scm.counterfactual(x, pa, {"sex": "female"})
     """
-    if cf_type not in ("none", "hard", "soft"):
-        raise ValueError(f"cf_type must be 'none', 'hard' or 'soft'; got {cf_type!r}.")
+    if cf_type not in CFT_MODES:
+        raise ValueError(f"cf_type must be one of {', '.join(CFT_MODES)}; got {cf_type!r}.")
     models_dir = Path(models_dir)
     hvae = load_checkpoint(models_dir / "hvae.pt")
     image_file = models_dir / ("hvae.pt" if cf_type == "none" else CFT_FILE.format(mode=cf_type))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import multiprocessing
@@ -39,6 +40,7 @@ from monai.data import DataLoader
 
 from monai_cf.data import csv_dataset, load_csv_datalist
 from monai_cf.engines import (
+    CFT_MODES,
     CounterfactualEvaluator,
     create_cft_trainer,
     create_data_loader,
@@ -82,10 +84,11 @@ ENGINE_IMAGE_KEY = "image"
 DEFAULT_DATA = {"train_csv": "train.csv", "val_csv": "val.csv", "test_csv": "test.csv"}
 DEFAULT_PHANTOM = {"n_train": 4000, "n_val": 300, "n_test": 500, "seed": 0}
 DEFAULT_PREDICTOR = {"backbone": "small_cnn", "max_epochs": 10, "lr": 1e-3, "batch_size": 64}
+_PREDICTOR_TRAINING_KEYS = ("max_epochs", "lr", "batch_size")
 DEFAULT_MECHANISMS = {"max_epochs": 30, "lr": 3e-3, "batch_size": 256}
 DEFAULT_HVAE_TRAINING = {"max_epochs": 8, "lr": 1e-3}
 DEFAULT_CFT = {
-    "modes": ["none", "hard", "soft"],
+    "modes": list(CFT_MODES),
     "fine_tune_none": False,
     "max_epochs": 7,
     "lr": 1.5e-3,
@@ -367,9 +370,12 @@ class CounterfactualPipeline:
             raise ValueError(
                 f"The graph names an attribute '{ENGINE_IMAGE_KEY}', the key the trainers give the image; rename it."
             )
-        unknown_cft = set(self.cft["modes"]) - {"none", "hard", "soft"}
+        unknown_cft = set(self.cft["modes"]) - set(CFT_MODES)
         if unknown_cft or not self.cft["modes"]:
-            raise ValueError(f"cft modes must be a non-empty subset of none, hard, soft; got {self.cft['modes']}.")
+            raise ValueError(
+                f"cft modes must be a non-empty subset of {', '.join(CFT_MODES)}; got {self.cft['modes']}."
+            )
+        self._check_stage_options()
         if self.phantom is not None:
             phantom_graph = CausalGraph.from_name(PHANTOM_GRAPH)
             if self.graph.to_dict() != phantom_graph.to_dict():
@@ -410,7 +416,9 @@ class CounterfactualPipeline:
         return DeepSCM.from_config({"graph": self.graph.to_dict(), "image_model": self.image_model_config})
 
     def build_predictor(self) -> AttributePredictor:
-        return AttributePredictor(self.spatial_dims, self.in_channels, self.graph, backbone=self.predictor["backbone"])
+        """A fresh predictor: ``predictor`` keys other than the training settings are AttributePredictor arguments."""
+        network = {k: v for k, v in self.predictor.items() if k not in _PREDICTOR_TRAINING_KEYS}
+        return AttributePredictor(self.spatial_dims, self.in_channels, self.graph, **network)
 
     def _stage_settings(self, stage: str) -> dict[str, Any]:
         common = {"graph": self.graph.to_dict(), "spatial_size": self.spatial_size, "seed": self.seed}
@@ -494,6 +502,8 @@ class CounterfactualPipeline:
                     **self._datalist_kwargs(),
                 )
             logger.info("Data: %s", {k: len(v) for k, v in self._datasets.items()})
+            for split in ("val", "test"):
+                _warn_missing_classes(self.graph, split, getattr(self._datasets[split], "data", []))
 
     def _write_phantom(self) -> None:
         from monai_cf.data import SyntheticCXR
@@ -533,6 +543,42 @@ class CounterfactualPipeline:
             )
         sampler = ResumableDistributedSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=self.seed)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers)
+
+    def _check_stage_options(self) -> None:
+        """Stage settings may not name what the pipeline sets itself (handlers, device, seed, output folders)."""
+        owned = {key: "use the top-level progress_bar or --tracking" for key in self._handler_kwargs("check")}
+        owned |= {
+            "device": "use the top-level device",
+            "seed": "use the top-level seed",
+            "output_dir": "use models_dir",
+        }
+        stages = {
+            "hvae_training": (self.hvae_training, owned),
+            "cft": (self.cft, {**owned, "mode": "use cft.modes", "elbo_constraint": "the pretrained nELBO, measured"}),
+        }
+        for section, (options, reserved) in stages.items():
+            for key in options:
+                if key in reserved:
+                    raise ValueError(
+                        f"{section}.{key} is set by the pipeline ({reserved[key]}); remove it from {section}."
+                    )
+        allowed = set(inspect.signature(AttributePredictor.__init__).parameters) - {
+            "self",
+            "spatial_dims",
+            "in_channels",
+            "graph",
+        }
+        unknown = sorted(set(self.predictor) - allowed - set(_PREDICTOR_TRAINING_KEYS))
+        if unknown:
+            raise ValueError(
+                f"predictor.{unknown[0]} is neither a training setting ({', '.join(_PREDICTOR_TRAINING_KEYS)}) nor an "
+                f"AttributePredictor argument ({', '.join(sorted(allowed))})."
+            )
+        unknown = sorted(set(self.mechanisms) - set(DEFAULT_MECHANISMS))
+        if unknown:
+            raise ValueError(
+                f"mechanisms.{unknown[0]} is not a setting; mechanisms takes {', '.join(DEFAULT_MECHANISMS)}."
+            )
 
     def _handler_kwargs(self, stage: str) -> dict[str, Any]:
         return {
@@ -1032,6 +1078,30 @@ class CounterfactualPipeline:
         run = client.create_run(experiment_id, run_name=name)
         client.set_terminated(run.info.run_id)
         return run.info.run_id
+
+
+def _warn_missing_classes(graph: CausalGraph, split: str, records: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Warn, naming the split and attribute, when a split lacks classes of a discrete attribute (AUCs undefined)."""
+    missing = {}
+    for name in graph.attributes:
+        var = graph[name]
+        if not var.is_discrete or not records:
+            continue
+        present = {int(r[name]) for r in records if name in r}
+        absent = [var.class_names[c] for c in range(var.num_classes) if c not in present]
+        if absent:
+            missing[name] = absent
+            logger.warning(
+                "The %s split (%d rows) has no '%s' of attribute '%s': its AUC is undefined there and %s",
+                split,
+                len(records),
+                "', '".join(absent),
+                name,
+                "the key metric averages the attributes whose AUC is defined."
+                if split == "val"
+                else "its effectiveness and amplification terms are left out of the means.",
+            )
+    return missing
 
 
 def _train_job(kwargs: Mapping[str, Any], stage: str, mode: str | None, threads: int, epsilon: float | None) -> float:

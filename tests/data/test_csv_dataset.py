@@ -31,6 +31,7 @@ from monai_cf.data import (
     DatasetValidationError,
     EncodeAttributesd,
     GrayscaleImageReader,
+    LoadGrayscaleImaged,
     check_image,
     csv_dataset,
     load_csv_datalist,
@@ -444,3 +445,17 @@ def test_check_image_reasons(tmp_path):
     with gzip.open(tmp_path / "x.txt.gz", "wb") as handle:
         handle.write(b"x")
     assert "unsupported" in check_image(tmp_path / "x.txt.gz")
+
+
+def test_the_missing_gpu_codec_is_logged_once_per_process():
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    codec_logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    codec_logger.addHandler(handler)
+    try:
+        for _ in range(3):
+            LoadGrayscaleImaged("image")  # MONAI builds its GPU DICOM reader (and logs) for every loader
+    finally:
+        codec_logger.removeHandler(handler)
+    assert len([r for r in records if "nvImageCodec is not available" in r.getMessage()]) <= 1

@@ -220,3 +220,74 @@ def test_trainable_parents_updates_only_the_parents_pathway(loader):
     assert changed and changed <= names
     with pytest.raises(ValueError, match="trainable"):
         create_cft_trainer(scm, predictor, loader, elbo_constraint=1.0, trainable="decoder", stats=False)
+
+
+class _RecordingScaler:
+    """A gradient scaler with a scale of 4 that records its calls (AMP's scaler works on CUDA only)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def scale(self, loss):
+        self.calls.append("scale")
+        return loss * 4.0
+
+    def unscale_(self, optimizer):
+        self.calls.append("unscale")
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad /= 4.0
+
+    def step(self, optimizer):
+        self.calls.append("step")
+        optimizer.step()
+
+    def update(self):
+        self.calls.append("update")
+
+    def get_scale(self):
+        return 4.0
+
+
+def test_amp_runs_the_forward_pass_under_autocast_and_scales_the_loss(loader, monkeypatch):
+    entered = []
+
+    class _Autocast:  # torch.autocast("cuda") needs a GPU; record that the fine-tuner asks for it
+        def __init__(self, device_type, **kwargs):
+            entered.append((device_type, kwargs))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            return False
+
+    multipliers = {}
+    for amp in (False, True):
+        scm, predictor = _models()
+        optimizer = torch.optim.AdamW(scm.image_model.parameters(), lr=1e-3)
+        tuner = CounterfactualFineTuner(
+            "cpu",
+            1,
+            loader,
+            scm,
+            optimizer,
+            predictor,
+            mode="soft",
+            elbo_constraint=2.0,
+            epoch_length=1,
+            seed=0,
+            amp=amp,
+            amp_kwargs={"dtype": torch.bfloat16},
+        )
+        if amp:
+            scaler = _RecordingScaler()
+            monkeypatch.setattr(torch.cuda.amp, "GradScaler", lambda: scaler)  # Trainer.run() makes its scaler
+            monkeypatch.setattr(torch, "autocast", _Autocast)
+        tuner.run()
+        multipliers[amp] = float(tuner.lagrangian.multiplier.detach())
+    assert ("cuda", {"dtype": torch.bfloat16}) in entered
+    assert tuner.scaler is scaler and scaler.calls == ["scale", "unscale", "step", "update"]
+    # the multiplier's gradient is unscaled too: both runs take the same Lagrangian step
+    assert multipliers[True] == pytest.approx(multipliers[False], rel=1e-5)

@@ -99,3 +99,31 @@ def test_mechanism_trainer_lowers_the_nll():
         nll = float(MechanismNLLLoss()(log_prob_all(mechanisms, graph, encoded)))
         wrapped = float(MechanismNLLLoss()(MechanismLikelihood(mechanisms, graph)(encoded)))
     assert nll == pytest.approx(after["val_nll"], rel=1e-5) and wrapped == nll
+
+
+def test_validation_metrics_stay_defined_when_a_split_has_one_class():
+    from monai_cf.engines.part_trainers import AttributeMetrics
+
+    graph = CausalGraph.from_dict(
+        {
+            "sex": {"kind": "binary"},
+            "grade": {"kind": "categorical", "class_names": ["low", "mid", "high"]},
+            "image": {"kind": "image", "parents": ["sex", "grade"]},
+        }
+    )
+    outputs = {
+        "sex": torch.tensor([[2.0], [-1.0], [3.0], [1.0]]),
+        "grade": torch.tensor([[3.0, 0, 0]] * 3 + [[0, 3.0, 0]]),
+    }
+    metric = AttributeMetrics(graph)
+    # two attributes, one class each: neither AUC is defined
+    metric.update((outputs, {"sex": torch.ones(4), "grade": torch.zeros(4, dtype=torch.long)}))
+    with pytest.warns(UserWarning, match="no AUC is defined"):
+        results = metric.compute()
+    assert math.isnan(results["val_auc_sex"]) and math.isnan(results["val_auc_grade"])
+    # accuracy: sex 3 of 4 (logit > 0), grade 3 of 4
+    assert results["val_mean_auc"] == pytest.approx(0.75)
+    metric.reset()
+    metric.update((outputs, {"sex": torch.tensor([1.0, 0.0, 1.0, 1.0]), "grade": torch.zeros(4, dtype=torch.long)}))
+    results = metric.compute()
+    assert results["val_mean_auc"] == results["val_auc_sex"] == 1.0  # the defined AUC alone

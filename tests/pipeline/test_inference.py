@@ -174,3 +174,14 @@ def test_load_scm(trained):
         load_scm(models, "medium")
     with pytest.raises(ValueError, match="No checkpoint"):
         load_scm(models / "nowhere")
+
+
+def test_folder_scan_reads_every_format_the_csv_loader_reads(tmp_path):
+    from monai_cf.data import IMAGE_SUFFIXES as FORMAT_SUFFIXES
+    from monai_cf.pipeline.inference import _image_files
+
+    names = [f"image{i}{suffix}" for i, suffixes in enumerate(FORMAT_SUFFIXES.values()) for suffix in suffixes]
+    for name in [*names, "notes.txt"]:
+        (tmp_path / name).write_bytes(b"")
+    assert sorted(p.name for p in _image_files(tmp_path)) == sorted(names)
+    assert any(name.endswith(".dicom") for name in names)

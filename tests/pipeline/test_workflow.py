@@ -433,6 +433,22 @@ def test_own_data_unknown_do_attribute_fails_fast_from_the_cli(own_run):
     )  # fmt: skip
     assert result.returncode != 0
     assert "unknown attributes ['age']" in result.stderr and "'scanner', 'thickness', 'lesion'" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ValueError: ") and "unknown attributes ['age']" in last  # not MONAI's wrapper
+
+
+def test_a_bad_training_setting_is_the_last_line_from_the_cli(tmp_path):
+    result = cli(
+        "--config_file", str(TRAIN), "--bundle_root", str(tmp_path), "--hvae_training", "{'progress_bar': False}",
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0 and "Failed to instantiate" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (
+        "ValueError: hvae_training.progress_bar is set by the pipeline (use the top-level progress_bar or --tracking); "
+        "remove it from hvae_training."
+    )
+    assert not (tmp_path / "models").exists()
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -455,6 +471,10 @@ CYCLE = {
         ("cycle", "cycle through variable"),
         ("missing_dataset_dir", "does not exist"),
         ("phantom_with_own_graph", "The phantom generates the 'mimic_cxr' graph"),
+        ("handler_key_in_hvae_training", "hvae_training.progress_bar is set by the pipeline"),
+        ("seed_in_cft", "cft.seed is set by the pipeline (use the top-level seed)"),
+        ("unknown_predictor_key", "predictor.chanels is neither a training setting"),
+        ("unknown_mechanisms_key", "mechanisms.epochs is not a setting"),
     ],
 )
 def test_bad_training_input_fails_before_training(case, expected, small_own_data, tmp_path):
@@ -467,6 +487,10 @@ def test_bad_training_input_fails_before_training(case, expected, small_own_data
         "cycle": {**own, "graph": CYCLE},
         "missing_dataset_dir": {**own, "dataset_dir": str(tmp_path / "nowhere")},
         "phantom_with_own_graph": {"graph": OWN_GRAPH, "dataset_dir": str(tmp_path / "phantom")},
+        "handler_key_in_hvae_training": {"hvae_training": {"max_epochs": 1, "progress_bar": False}},
+        "seed_in_cft": {"cft#seed": 3},
+        "unknown_predictor_key": {"predictor#chanels": [4, 8]},
+        "unknown_mechanisms_key": {"mechanisms#epochs": 2},
     }[case]
     start = time.time()
     with pytest.raises(Exception) as error:
@@ -504,3 +528,25 @@ def test_command_line_strings_for_booleans_and_null(small_own_data, tmp_path):
     assert predictors.retrain == {"guidance", "evaluation_predictor"}
     with pytest.raises(ValueError, match="retrain names unknown stages"):
         CounterfactualPipeline(small_own_data, tmp_path, phantom=None, retrain="yes", **common)
+
+
+def test_predictor_settings_reach_the_network(small_own_data, tmp_path):
+    common = {"graph": OWN_GRAPH, "data": {"columns": OWN_COLUMNS, "value_maps": OWN_VALUE_MAPS}, "phantom": None}
+    default = CounterfactualPipeline(small_own_data, tmp_path, **common).build_predictor()
+    narrow = CounterfactualPipeline(
+        small_own_data, tmp_path, predictor={"channels": [4, 8], "dropout": 0.2}, **common
+    ).build_predictor()
+    assert default.num_features == 128 and narrow.num_features == 8
+    assert isinstance(narrow.dropout, torch.nn.Dropout) and narrow.dropout.p == 0.2
+
+
+def test_a_split_without_a_class_is_named_in_a_warning(caplog):
+    from monai_cf.graph import CausalGraph
+    from monai_cf.pipeline.workflow import _warn_missing_classes
+
+    graph = CausalGraph.from_name("mimic_cxr")
+    records = [{"sex": 0, "race": r % 2, "age": 50.0, "disease": 1} for r in range(6)]
+    with caplog.at_level("WARNING", logger="monai_cf.pipeline"):
+        missing = _warn_missing_classes(graph, "val", records)
+    assert missing == {"sex": ["female"], "race": ["Black"], "disease": ["no_finding"]}
+    assert "The val split (6 rows) has no 'Black' of attribute 'race'" in caplog.text
