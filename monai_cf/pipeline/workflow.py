@@ -1062,8 +1062,17 @@ class CounterfactualPipeline:
             **phantom_kwargs,
             **options,
         )
-        evaluator.run()
+        try:
+            evaluator.run()
+        except BaseException:
+            if run_id is not None:
+                from mlflow import MlflowClient
+
+                MlflowClient(self.tracking_uri).set_terminated(run_id, "FAILED")
+            raise
         self.results = evaluator.results
+        if run_id is not None:
+            self._finish_mlflow_run(run_id, self.results.get("config", {}))
         logger.info("Amplification: %s", {k: round(v, 4) for k, v in self.results["amplification"].items()})
         return self.results
 
@@ -1076,8 +1085,19 @@ class CounterfactualPipeline:
             experiment.experiment_id if experiment is not None else client.create_experiment(self.experiment_name)
         )
         run = client.create_run(experiment_id, run_name=name)
-        client.set_terminated(run.info.run_id)
         return run.info.run_id
+
+    def _finish_mlflow_run(self, run_id: str, config: Mapping[str, Any]) -> None:
+        """The evaluation's settings as the run's parameters, and its end when the evaluation ended."""
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+
+        client = MlflowClient(self.tracking_uri)
+        params = [
+            Param(key, json.dumps(value) if not isinstance(value, str) else value) for key, value in config.items()
+        ]
+        client.log_batch(run_id, params=[p for p in params if len(p.value) <= 6000])
+        client.set_terminated(run_id)
 
 
 def _warn_missing_classes(graph: CausalGraph, split: str, records: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:

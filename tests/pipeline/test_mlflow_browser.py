@@ -146,6 +146,11 @@ def test_the_evaluation_run_shows_its_metrics_report_and_figures(mlflow_ui, brow
     page = f"{url}/#/experiments/{experiment_id}/runs/{runs['evaluate']}"
     metrics = json.loads((tracked_run / "eval" / "metrics.json").read_text())
     _page_text(browser, page, ["evaluate", "Metrics (", "baseline/sex", str(metrics["baseline"]["sex"])[:5]])
+    from mlflow import MlflowClient
+
+    run = MlflowClient(store).get_run(runs["evaluate"])
+    assert json.loads(run.data.params["cf_types"]) == metrics["config"]["cf_types"]
+    assert run.info.end_time - run.info.start_time >= 1000 * metrics["timing"]["total_s"] * 0.9  # not 10 ms
     _page_text(browser, f"{page}/artifacts", ["evaluation"])
     _click(browser, "evaluation")
     figures = [f"counterfactuals_{c}.png" for c in ("none", "hard", "soft")] + ["embedding_sex.png"]
