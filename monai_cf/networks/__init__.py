@@ -12,5 +12,5 @@
 
 from __future__ import annotations
 
-from .nets import HVAE, AttributeLoss, AttributePredictor, build_mechanisms
+from .nets import HVAE, AttributeLoss, AttributePredictor, DiffusionGuidance, DiffusionImageMechanism, build_mechanisms
 from .scm import DeepSCM

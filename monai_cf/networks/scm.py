@@ -22,10 +22,11 @@ from torch import nn
 
 from monai_cf.data.encoding import AttributeEncoder
 from monai_cf.graph import CausalGraph
+from monai_cf.networks.nets.diffusion import DiffusionImageMechanism
 from monai_cf.networks.nets.hvae import HVAE
 from monai_cf.networks.nets.mechanisms import build_mechanisms, counterfactual_all, log_prob_all, sample_all
 
-__all__ = ["DeepSCM"]
+__all__ = ["DeepSCM", "build_image_model"]
 
 Intervention = Mapping[str, Any]
 
@@ -46,9 +47,11 @@ class DeepSCM(nn.Module):
 
     Args:
         graph: the causal graph (a :class:`CausalGraph`, its config dict, or a shipped graph's name).
-        image_model: the image mechanism, an :class:`~monai_cf.networks.nets.HVAE` whose ``parents_dim``
-            equals ``graph.parents_dim``; a mapping is taken as HVAE keyword arguments (``parents_dim`` is
-            filled in from the graph).
+        image_model: the image mechanism, an :class:`~monai_cf.networks.nets.HVAE` or a
+            :class:`~monai_cf.networks.nets.DiffusionImageMechanism` whose ``parents_dim`` equals
+            ``graph.parents_dim``; a mapping is taken as HVAE keyword arguments (``parents_dim`` is filled in from
+            the graph), or, with ``mechanism: diffusion``, as diffusion keyword arguments (``parent_dims`` filled in
+            with the graph's image parents and their widths).
         mechanisms: one mechanism per attribute; ``None`` builds them with
             :func:`~monai_cf.networks.nets.build_mechanisms` (``mechanism_kwargs`` passed on).
         image_range: ``(low, high)`` of the images the model is given and returns.
@@ -67,7 +70,7 @@ class DeepSCM(nn.Module):
     def __init__(
         self,
         graph: CausalGraph | Mapping | str,
-        image_model: HVAE | Mapping[str, Any],
+        image_model: HVAE | DiffusionImageMechanism | Mapping[str, Any],
         mechanisms: nn.ModuleDict | Mapping[str, nn.Module] | None = None,
         image_range: Sequence[float] = (0.0, 1.0),
         value_maps: Mapping[str, Mapping] | None = None,
@@ -77,13 +80,17 @@ class DeepSCM(nn.Module):
         self.graph = CausalGraph.build(graph)
         self.encoder = AttributeEncoder(self.graph, value_maps=value_maps)
         if isinstance(image_model, Mapping):
-            kwargs = dict(image_model)
-            kwargs.setdefault("parents_dim", self.graph.parents_dim)
-            image_model = HVAE(**kwargs)
+            image_model = build_image_model(self.graph, image_model)
         if image_model.parents_dim != self.graph.parents_dim:
             raise ValueError(
                 f"image_model.parents_dim={image_model.parents_dim} but the graph's image parents "
                 f"{list(self.graph.image_parents)} encode to {self.graph.parents_dim} values."
+            )
+        names = getattr(image_model, "parent_names", None)
+        if names is not None and tuple(names) != tuple(self.graph.image_parents):
+            raise ValueError(
+                f"The image model was trained on the image parents {list(names)}, but the graph's are "
+                f"{list(self.graph.image_parents)}: a model of another graph."
             )
         self.image_model = image_model
         if mechanisms is None:
@@ -102,7 +109,9 @@ class DeepSCM(nn.Module):
         """Build from a plain dictionary (e.g. a bundle config section).
 
         Keys: ``graph`` (name or dict), ``image_model`` (HVAE keyword arguments, or ``{"preset": name, ...}``
-        for :meth:`HVAE.from_preset`), and optionally ``image_range``, ``value_maps``, ``mechanism_kwargs``.
+        for :meth:`HVAE.from_preset`, or ``{"mechanism": "diffusion", ...}`` for a
+        :class:`~monai_cf.networks.nets.DiffusionImageMechanism`), and optionally ``image_range``, ``value_maps``,
+        ``mechanism_kwargs``.
         """
         config = copy.deepcopy(dict(config))
         unknown = set(config) - {"graph", "image_model", "image_range", "value_maps", "mechanism_kwargs"}
@@ -111,13 +120,7 @@ class DeepSCM(nn.Module):
         if "graph" not in config or "image_model" not in config:
             raise ValueError(f"A DeepSCM config needs 'graph' and 'image_model'; got keys {sorted(config)}.")
         graph = CausalGraph.build(config.pop("graph"))
-        image_cfg = dict(config.pop("image_model"))
-        if "preset" in image_cfg:
-            image_cfg.setdefault("parents_dim", graph.parents_dim)
-            image_model: HVAE | dict = HVAE.from_preset(image_cfg.pop("preset"), **image_cfg)
-        else:
-            image_model = image_cfg
-        return cls(graph, image_model, **config)
+        return cls(graph, build_image_model(graph, config.pop("image_model")), **config)
 
     # ------------------------------------------------------------------------------------------ conversions
     def to_model_range(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,7 +214,14 @@ class DeepSCM(nn.Module):
         ]
         pa_vec = self.parents_vector(encoded)
         pa_cf_vec = torch.stack([self.parents_vector(e) for e in encoded_cf])
-        x_cf = self.image_model.counterfactual(self.to_model_range(x), pa_vec, pa_cf_vec, posterior_mean=posterior_mean)
+        extra = {}
+        if getattr(self.image_model, "uses_intervention_groups", False):
+            extra["intervened"] = torch.stack(
+                [self.intervened_groups(intervention, batch, do_mask) for intervention in interventions]
+            ).to(x.device)
+        x_cf = self.image_model.counterfactual(
+            self.to_model_range(x), pa_vec, pa_cf_vec, posterior_mean=posterior_mean, **extra
+        )
         x_cf = self.from_model_range(x_cf)
         pa_cf = [
             self._decode_changed(e, canonical, intervention, batch, do_mask)
@@ -220,6 +230,27 @@ class DeepSCM(nn.Module):
         if many:
             return list(x_cf.unbind(0)), pa_cf
         return x_cf[0], pa_cf[0]
+
+    def intervened_groups(
+        self, do: Intervention, batch: int, do_mask: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``(B, A)`` bool over the image parents: what ``do`` sets in each sample, and the descendants of that.
+
+        The invariant group is the complement. Under ``do_mask`` a sample's group holds only the attributes set in
+        it (and their descendants).
+        """
+        do = self.graph.check_intervention(do)
+        parents = list(self.graph.image_parents)
+        groups = torch.zeros(batch, len(parents), dtype=torch.bool)
+        for name in do:
+            active = torch.ones(batch, dtype=torch.bool)
+            mask = (do_mask or {}).get(name)
+            if mask is not None:
+                active = torch.as_tensor(mask, dtype=torch.bool).reshape(-1).cpu().expand(batch)
+            for member in {name} | self.graph.descendants([name]):
+                if member in parents:
+                    groups[:, parents.index(member)] |= active
+        return groups
 
     def intervene_encoded(
         self,
@@ -286,3 +317,22 @@ class DeepSCM(nn.Module):
                 value = target if mask is None else torch.where(torch.as_tensor(mask).to(value.device), target, value)
             result[name] = value
         return result
+
+
+def build_image_model(graph: CausalGraph, config: Mapping[str, Any]) -> HVAE | DiffusionImageMechanism:
+    """The image mechanism a DeepSCM config describes, its parents filled in from ``graph``.
+
+    ``config`` holds HVAE keyword arguments, ``{"preset": name, ...}`` (:meth:`HVAE.from_preset`), or
+    ``{"mechanism": "diffusion", ...}`` (:class:`DiffusionImageMechanism` keyword arguments).
+    """
+    config = dict(config)
+    kind = config.pop("mechanism", "hvae")
+    if kind == "diffusion":
+        config.setdefault("parent_dims", {name: graph[name].dim for name in graph.image_parents})
+        return DiffusionImageMechanism(**config)
+    if kind != "hvae":
+        raise ValueError(f"Unknown image mechanism '{kind}'; choose 'hvae' or 'diffusion'.")
+    config.setdefault("parents_dim", graph.parents_dim)
+    if "preset" in config:
+        return HVAE.from_preset(config.pop("preset"), **config)
+    return HVAE(**config)

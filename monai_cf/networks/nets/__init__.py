@@ -8,10 +8,11 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Networks of monai_cf: the HVAE image mechanism, attribute mechanisms and attribute predictors."""
+"""Networks of monai_cf: image mechanisms (HVAE, diffusion), attribute mechanisms and attribute predictors."""
 
 from __future__ import annotations
 
+from .diffusion import GUIDANCE_MODES, AttributeSplitEmbedding, DiffusionGuidance, DiffusionImageMechanism
 from .hvae import HVAE, discretized_gaussian_log_likelihood, gaussian_kl, parse_decoder_arch, parse_encoder_arch
 from .mechanisms import (
     BinaryGumbelMaxMechanism,
