@@ -21,8 +21,9 @@ from .cft_targets import (
     cft_targets,
     sample_interventions,
 )
+from .diffusion_trainer import DIFFUSION_OUTPUT_KEYS, DiffusionEvaluator, DiffusionTrainer, create_diffusion_trainer
 from .evaluator import CounterfactualEvaluator, train_attribute_predictor
-from .hvae_trainer import HVAE_OUTPUT_KEYS, HVAEEvaluator, HVAETrainer, create_hvae_trainer
+from .hvae_trainer import HVAE_OUTPUT_KEYS, HVAEEvaluator, HVAETrainer, build_image_trainer, create_hvae_trainer
 from .part_trainers import (
     AttributeMetrics,
     AttributeTable,

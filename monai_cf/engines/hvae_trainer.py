@@ -49,24 +49,25 @@ else:
     EventEnum, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "EventEnum")
     Metric, _ = optional_import("ignite.metrics", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Metric")
 
-__all__ = ["HVAETrainer", "HVAEEvaluator", "create_hvae_trainer", "HVAE_OUTPUT_KEYS"]
+__all__ = ["HVAETrainer", "HVAEEvaluator", "create_hvae_trainer", "build_image_trainer", "HVAE_OUTPUT_KEYS"]
 
 #: Scalars of an :class:`HVAETrainer` iteration's output.
 HVAE_OUTPUT_KEYS = ("loss", "nll", "kl", "grad_norm", "skipped")
 
 
-def resolve_image_model(network: nn.Module) -> tuple[HVAE, DeepSCM | None]:
-    """The HVAE to train (looking through DDP, EMA and DeepSCM wrappers) and the DeepSCM around it, if any."""
+def resolve_image_model(network: nn.Module, types: tuple[type, ...] = (HVAE,)) -> tuple[Any, DeepSCM | None]:
+    """The image model to train (looking through DDP, EMA and DeepSCM wrappers) and the DeepSCM around it, if any."""
     module = unwrap_module(network)
     if isinstance(module, ExponentialMovingAverage):
         module = module.module
     scm = module if isinstance(module, DeepSCM) else None
     image_model = module.image_model if scm is not None else module
     image_model = unwrap_module(image_model)
-    if not isinstance(image_model, HVAE):
+    if not isinstance(image_model, types):
+        kinds = " or ".join(t.__name__ for t in types)
         raise ValueError(
-            f"network must be an HVAE, a DeepSCM or one of them wrapped in DistributedDataParallel; got "
-            f"{type(network).__name__}."
+            f"network must be a {kinds}, a DeepSCM of one or one of them wrapped in DistributedDataParallel; got "
+            f"{type(network).__name__}" + (f" holding a {type(image_model).__name__}." if scm is not None else ".")
         )
     return image_model, scm
 
@@ -167,6 +168,11 @@ class HVAETrainer(Trainer):
         trainer.ema.module  # the EMA HVAE
     """
 
+    #: What ``network`` may hold; subclasses train other image mechanisms with the same machinery.
+    image_model_types: tuple[type, ...] = (HVAE,)
+    #: Scalars of an iteration's output (``loss``, the terms of :meth:`loss_terms`, ``grad_norm``, ``skipped``).
+    output_keys: tuple[str, ...] = HVAE_OUTPUT_KEYS
+
     def __init__(
         self,
         device: str | torch.device,
@@ -202,7 +208,7 @@ class HVAETrainer(Trainer):
         to_kwargs: dict | None = None,
         amp_kwargs: dict | None = None,
     ) -> None:
-        image_model, scm = resolve_image_model(network)
+        image_model, scm = resolve_image_model(network, self.image_model_types)
         tune_cpu_allocator(device)
         if prepare_batch is None:
             prepare_batch = CounterfactualPrepareBatch(graph=scm.graph if scm is not None else None)
@@ -256,7 +262,7 @@ class HVAETrainer(Trainer):
         if self.ema is not None:
             EMAHandler(self.ema, image_model).attach(self)
         if decollate:
-            OutputSummary(HVAE_OUTPUT_KEYS).attach(self)
+            OutputSummary(self.output_keys).attach(self)
         if seed is not None:
             IterationSeeder(seed).attach(self)
         if train_handlers is not None:
@@ -277,13 +283,25 @@ class HVAETrainer(Trainer):
         """An :class:`HVAEEvaluator` of the EMA model (or the raw one), with this trainer's batch handling."""
         network = self.ema if use_ema and self.ema is not None else self.image_model
         kwargs.setdefault("prepare_batch", self.prepare_batch)
-        kwargs.setdefault("beta", self.beta)
-        kwargs.setdefault("free_bits", self.free_bits)
+        for key, value in self._evaluator_defaults().items():
+            kwargs.setdefault(key, value)
         kwargs.setdefault("image_range", self.image_range)
         kwargs.setdefault("amp", self.amp)
         kwargs.setdefault("amp_kwargs", self.amp_kwargs)
         kwargs.setdefault("non_blocking", self.non_blocking)
-        return HVAEEvaluator(self.state.device, val_data_loader, network, scm=self.scm, **kwargs)
+        return self.evaluator_class(self.state.device, val_data_loader, network, scm=self.scm, **kwargs)
+
+    @property
+    def evaluator_class(self) -> type:
+        return HVAEEvaluator
+
+    def _evaluator_defaults(self) -> dict[str, Any]:
+        return {"beta": self.beta, "free_bits": self.free_bits}
+
+    def loss_terms(self, module: nn.Module, x: torch.Tensor, pa: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """``{"loss": the nELBO, "nll", "kl"}`` of a batch (``module`` is the HVAE or its DDP wrapper)."""
+        terms = module(x, pa, beta=self.beta, free_bits=self.free_bits)
+        return {"loss": terms["nelbo"], "nll": terms["nll"], "kl": terms["kl"]}
 
     def _iteration(self, engine: HVAETrainer, batchdata: dict[str, Any]) -> dict:
         """One nELBO step. Returns the output dict (before ``MODEL_COMPLETED`` handlers summarise it).
@@ -299,12 +317,12 @@ class HVAETrainer(Trainer):
         engine.optimizer.zero_grad(set_to_none=True)
         if engine.amp and engine.scaler is not None:
             with torch.autocast("cuda", **engine.amp_kwargs):
-                terms = engine.forward_module(x, pa, beta=engine.beta, free_bits=engine.free_bits)
+                terms = engine.loss_terms(engine.forward_module, x, pa)
         else:
-            terms = engine.forward_module(x, pa, beta=engine.beta, free_bits=engine.free_bits)
+            terms = engine.loss_terms(engine.forward_module, x, pa)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        loss = terms["nelbo"]
-        engine.state.output = {"loss": loss.detach(), "nll": terms["nll"].detach(), "kl": terms["kl"].detach()}
+        loss = terms["loss"]
+        engine.state.output = {key: value.detach() for key, value in terms.items()}
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if engine.amp and engine.scaler is not None:
             engine.scaler.scale(loss).backward()
@@ -363,6 +381,10 @@ class HVAEEvaluator(Evaluator):
         evaluator.state.metrics["val_nelbo"]
     """
 
+    image_model_types: tuple[type, ...] = (HVAE,)
+    #: Terms of :meth:`validation_terms` averaged into metrics; the first is the key metric.
+    metric_terms: tuple[str, ...] = ("nelbo", "nll", "kl")
+
     def __init__(
         self,
         device: str | torch.device,
@@ -383,22 +405,20 @@ class HVAEEvaluator(Evaluator):
         to_kwargs: dict | None = None,
         decollate: bool = False,
     ) -> None:
-        image_model, own_scm = resolve_image_model(network)
+        image_model, own_scm = resolve_image_model(network, self.image_model_types)
         scm = own_scm if own_scm is not None else scm
         if prepare_batch is None:
             prepare_batch = CounterfactualPrepareBatch(graph=scm.graph if scm is not None else None)
-        prefix = key_metric_name[: -len("nelbo")] if key_metric_name.endswith("nelbo") else "val_"
+        key_term, *other_terms = self.metric_terms
+        prefix = key_metric_name[: -len(key_term)] if key_metric_name.endswith(key_term) else "val_"
         super().__init__(
             device=device,
             val_data_loader=val_data_loader,
             epoch_length=epoch_length,
             non_blocking=non_blocking,
             prepare_batch=prepare_batch,
-            key_val_metric={key_metric_name: MeanMetric(output_transform=_batch_term("nelbo"))},
-            additional_metrics={
-                f"{prefix}nll": MeanMetric(output_transform=_batch_term("nll")),
-                f"{prefix}kl": MeanMetric(output_transform=_batch_term("kl")),
-            },
+            key_val_metric={key_metric_name: MeanMetric(output_transform=_batch_term(key_term))},
+            additional_metrics={f"{prefix}{t}": MeanMetric(output_transform=_batch_term(t)) for t in other_terms},
             metric_cmp_fn=lower_is_better,
             val_handlers=val_handlers,
             amp=amp,
@@ -422,18 +442,17 @@ class HVAEEvaluator(Evaluator):
             torch.manual_seed(derive_seed(engine.seed, engine.state.rank, engine.state.iteration))
             if engine.amp:
                 with torch.autocast("cuda", **engine.amp_kwargs):
-                    terms = engine.image_model.elbo(x, pa, beta=engine.beta, free_bits=engine.free_bits)
+                    terms = engine.validation_terms(x, pa)
             else:
-                terms = engine.image_model.elbo(x, pa, beta=engine.beta, free_bits=engine.free_bits)
-        engine.state.output = {
-            "nelbo": terms["nelbo"],
-            "nll": terms["nll"],
-            "kl": terms["kl"],
-            "batch_size": x.shape[0],
-        }
+                terms = engine.validation_terms(x, pa)
+        engine.state.output = {**{t: terms[t] for t in engine.metric_terms}, "batch_size": x.shape[0]}
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+    def validation_terms(self, x: torch.Tensor, pa: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The validated terms of a batch: the HVAE's nELBO, NLL and KL."""
+        return self.image_model.elbo(x, pa, beta=self.beta, free_bits=self.free_bits)
 
 
 def _batch_term(key: str) -> Callable[[Mapping], tuple[torch.Tensor, int]]:
@@ -512,21 +531,83 @@ def create_hvae_trainer(
                                       progress_bar=True, tracking_uri="sqlite:////abs/runs/mlruns.db")
         trainer.run()
     """
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     image_model, _ = resolve_image_model(network)
+    return build_image_trainer(
+        HVAETrainer,
+        network,
+        train_loader,
+        val_loader,
+        output_dir,
+        stage="hvae",
+        max_epochs=max_epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        betas=betas,
+        warmup_steps=warmup_steps,
+        grad_clip=grad_clip,
+        grad_skip=grad_skip,
+        ema_rate=ema_rate,
+        ema_warmup=ema_warmup,
+        ema_warmup_steps=ema_warmup_steps,
+        image_range=image_range,
+        device=device,
+        seed=seed,
+        amp=amp,
+        amp_kwargs=amp_kwargs,
+        distributed=distributed,
+        trainer_kwargs={"beta": beta, "free_bits": free_bits},
+        params={
+            "beta": image_model.beta if beta is None else beta,
+            "free_bits": image_model.free_bits if free_bits is None else free_bits,
+        },
+        **handler_kwargs,
+    )
+
+
+def build_image_trainer(
+    trainer_class: type[HVAETrainer],
+    network: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader | None,
+    output_dir: str | os.PathLike | None,
+    stage: str,
+    max_epochs: int,
+    lr: float,
+    weight_decay: float,
+    betas: Sequence[float],
+    warmup_steps: int,
+    grad_clip: float | None,
+    grad_skip: float | None,
+    ema_rate: float | None,
+    ema_warmup: str,
+    ema_warmup_steps: int,
+    image_range: Sequence[float],
+    device: str | torch.device | None,
+    seed: int,
+    amp: bool,
+    amp_kwargs: dict | None,
+    distributed: bool | None,
+    trainer_kwargs: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
+    **handler_kwargs: Any,
+) -> HVAETrainer:
+    """The shared core of the image-mechanism factories: AdamW, the trainer, its evaluator and handlers.
+
+    ``trainer_kwargs`` go to ``trainer_class`` beside the common arguments; ``params`` join the tracked parameters.
+    """
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    image_model, _ = resolve_image_model(network, trainer_class.image_model_types)
     network = network.to(device)
     optimizer = torch.optim.AdamW(
         image_model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay, **fused_optimizer_kwargs(device)
     )
-    trainer = HVAETrainer(
+    trainer = trainer_class(
         device=device,
         max_epochs=max_epochs,
         train_data_loader=train_loader,
         network=network,
         optimizer=optimizer,
         warmup_steps=warmup_steps,
-        beta=beta,
-        free_bits=free_bits,
         grad_clip=grad_clip,
         grad_skip=grad_skip,
         ema_rate=ema_rate,
@@ -537,10 +618,11 @@ def create_hvae_trainer(
         distributed=distributed,
         amp=amp,
         amp_kwargs=amp_kwargs,
+        **dict(trainer_kwargs or {}),
     )
     trainer.evaluator = None if val_loader is None else trainer.create_evaluator(val_loader, seed=seed)
-    params = {
-        "stage": "hvae",
+    tracked = {
+        "stage": stage,
         "lr": lr,
         "weight_decay": weight_decay,
         "betas": tuple(betas),
@@ -549,21 +631,20 @@ def create_hvae_trainer(
         "grad_skip": grad_skip,
         "ema_rate": ema_rate,
         "ema_warmup": f"{ema_warmup}:{ema_warmup_steps}",
-        "beta": image_model.beta if beta is None else beta,
-        "free_bits": image_model.free_bits if free_bits is None else free_bits,
+        **dict(params or {}),
         "batch_size": getattr(train_loader, "batch_size", None),
         "num_parameters": sum(p.numel() for p in image_model.parameters()),
         "seed": seed,
         "world_size": torch.distributed.get_world_size() if is_distributed() else 1,
     }
-    params.update(handler_kwargs.pop("tracking_params", None) or {})
+    tracked.update(handler_kwargs.pop("tracking_params", None) or {})
     trainer.attached_handlers = setup_training_handlers(
         trainer,
         trainer.checkpoint_dict(),
         output_dir,
         evaluator=trainer.evaluator,
         key_metric_negative_sign=True,
-        tracking_params=params,
+        tracking_params=tracked,
         **handler_kwargs,
     )
     return trainer
