@@ -342,16 +342,19 @@ class CounterfactualPipeline:
         self._validate()
 
     # ------------------------------------------------------------------------------------------------ checks
+    #: this pipeline's stages in execution order
+    stages: tuple[str, ...] = STAGES
+
     def _retrain_set(self, retrain: bool | str | Sequence[str]) -> set[str]:
         retrain = _cli_value(retrain)
         if retrain is True:
-            return set(STAGES) - {"data"}
+            return set(self.stages) - {"data"}
         if not retrain:
             return set()
         names = {retrain} if isinstance(retrain, str) else set(retrain)
-        unknown = names - set(STAGES) - {"predictors"}
+        unknown = names - set(self.stages) - {"predictors"}
         if unknown:
-            raise ValueError(f"retrain names unknown stages {sorted(unknown)}; stages: {list(STAGES[1:])}.")
+            raise ValueError(f"retrain names unknown stages {sorted(unknown)}; stages: {list(self.stages[1:])}.")
         if "predictors" in names:
             names |= {"guidance", "evaluation_predictor"}
         return names - {"predictors"}
@@ -446,10 +449,10 @@ class CounterfactualPipeline:
     # ------------------------------------------------------------------------------------------------ stages
     def run(self, *stages: str) -> dict[str, Any] | None:
         """Run the given stages (default: all) and what they need; returns the evaluation results, if run."""
-        wanted = list(stages) or list(STAGES)
-        unknown = set(wanted) - set(STAGES) - {"predictors"}
+        wanted = list(stages) or list(self.stages)
+        unknown = set(wanted) - set(self.stages) - {"predictors"}
         if unknown:
-            raise ValueError(f"Unknown stages {sorted(unknown)}; stages: {list(STAGES)}.")
+            raise ValueError(f"Unknown stages {sorted(unknown)}; stages: {list(self.stages)}.")
         if "predictors" in wanted:
             wanted = [s for s in wanted if s != "predictors"] + ["guidance", "evaluation_predictor"]
         start = time.time()
@@ -459,7 +462,7 @@ class CounterfactualPipeline:
         predictors = [(s, None) for s in ("guidance", "evaluation_predictor") if s in wanted]
         if len(predictors) > 1 and self._parallel_workers() > 1 and all(self._needs_training(*j) for j in predictors):
             self._timed("predictors", lambda: self._train_side_by_side(predictors))
-        for stage in STAGES[1:]:
+        for stage in self.stages[1:]:
             if stage in wanted:
                 getattr(self, f"stage_{stage}")()
         self.timing["total"] = time.time() - start
@@ -1021,9 +1024,14 @@ class CounterfactualPipeline:
         """Evaluate every fine-tuning mode on the test split; writes metrics.json, report.md and figures."""
         return self._timed("evaluate", self._evaluate_stage)
 
-    def _evaluate_stage(self) -> dict[str, Any] | None:
+    def counterfactual_models(self) -> dict[str, DeepSCM]:
+        """``{cf type: DeepSCM}`` the evaluation compares: here one per fine-tuning mode (trained if needed)."""
         if not hasattr(self, "tuned"):
             self.stage_cft()
+        return self.tuned
+
+    def _evaluate_stage(self) -> dict[str, Any] | None:
+        models = self.counterfactual_models()
         if not hasattr(self, "evaluation_predictor"):
             self.stage_evaluation_predictor()
         self._prepare_data()  # holds a barrier: every rank must pass it before the others return
@@ -1031,8 +1039,17 @@ class CounterfactualPipeline:
             return None
         options = dict(self.evaluation)
         batch = int(options.pop("batch_size"))
+        num_test = options.pop("num_test", None)
+        split: Any = "test"
+        if num_test is not None:
+            if int(num_test) < 1:
+                raise ValueError(f"evaluation.num_test must be a positive number of test images, got {num_test}.")
+            # the first rows, so that every model of a comparison sees the same images
+            split = torch.utils.data.Subset(
+                self._datasets["test"], range(min(int(num_test), len(self._datasets["test"])))
+            )
         # rank 0 alone evaluates: on the whole test split, not its shard of a multi-process launch
-        test = self._loader("test", batch, False, across_ranks=False)
+        test = self._loader(split, batch, False, across_ranks=False)
         phantom_kwargs: dict[str, Any] = {}
         if self.phantom is not None:
             from monai_cf.data import SyntheticCXR
@@ -1052,7 +1069,7 @@ class CounterfactualPipeline:
             self.graph,
             test,
             self.evaluation_predictor,
-            self.tuned,
+            models,
             device=self.device,
             output_dir=str(self.output_dir),
             tracking_uri=self.tracking_uri,
