@@ -15,11 +15,12 @@ from __future__ import annotations
 from .augmentation import AugmentationStudy, biased_subset, run_augmentation_study, subgroup_auc
 from .diffusion import DEFAULT_GUIDANCE_TYPES, DIFFUSION_FILE, DIFFUSION_STAGES, DiffusionPipeline
 from .errors import install_bundle_excepthook, root_cause, running_monai_bundle
-from .inference import IMAGE_SUFFIXES, CounterfactualInference, load_scm, parse_intervention
+from .inference import CF_TYPES, IMAGE_SUFFIXES, CounterfactualInference, load_scm, parse_intervention
 from .workflow import CFT_FILE, STAGES, CounterfactualPipeline, load_checkpoint, locate_bundle_root
 
 __all__ = [
     "CFT_FILE",
+    "CF_TYPES",
     "DEFAULT_GUIDANCE_TYPES",
     "DIFFUSION_FILE",
     "DIFFUSION_STAGES",

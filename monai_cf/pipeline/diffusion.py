@@ -43,6 +43,7 @@ DEFAULT_GUIDANCE_TYPES = {
     "dcfg": {"mode": "dcfg", "intervened_weight": 4.0, "invariant_weight": 1.0},
 }
 DEFAULT_DIFFUSION_TRAINING = {"max_epochs": 20, "lr": 1e-3, "batch_size": 64}
+_INFERENCE_KEYS = ("num_inference_steps", "max_batch", "guidance")
 _TRAINING_OWNED = ("device", "seed", "output_dir", "progress_bar", "stats", "tracking_uri", "experiment_name")
 
 
@@ -136,8 +137,9 @@ class DiffusionPipeline(CounterfactualPipeline):
     def _diffusion_settings(self) -> dict[str, Any]:
         settings = self._stage_settings("mechanisms")
         settings.pop("mechanisms")
-        training = {k: v for k, v in self.diffusion_training.items()}
-        return {**settings, "diffusion_model": self.diffusion_model_config, "training": training}
+        # how counterfactuals are generated (steps, batching) does not change what the model learns
+        model = {k: v for k, v in self.diffusion_model_config.items() if k not in _INFERENCE_KEYS}
+        return {**settings, "diffusion_model": model, "training": dict(self.diffusion_training)}
 
     # ------------------------------------------------------------------------------------------------ stages
     def stage_diffusion(self) -> DeepSCM:
@@ -179,7 +181,7 @@ class DiffusionPipeline(CounterfactualPipeline):
             )
             logger.info("diffusion: %s", {k: round(float(v), 4) for k, v in metrics.items()})
             ckpt = {"uid": uid, "state_dict": state}
-        scm.image_model.load_state_dict(ckpt["state_dict"])
+        scm.image_model.load_state_dict(ckpt["state_dict"])  # the model is built with this run's inference keys
         scm.mechanisms.load_state_dict(self.mechanisms_state)
         self.diffusion_uid = ckpt["uid"]
         self.diffusion_scm = scm.to(self.device).eval()

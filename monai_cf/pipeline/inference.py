@@ -30,10 +30,11 @@ from monai_cf.engines.cft_targets import CFT_MODES
 from monai_cf.engines.runtime import tune_cpu_allocator
 from monai_cf.graph import CausalGraph
 from monai_cf.networks import DeepSCM
-from monai_cf.networks.nets import AttributePredictor
+from monai_cf.networks.nets import AttributePredictor, DiffusionGuidance, DiffusionImageMechanism
+from monai_cf.pipeline.diffusion import DIFFUSION_FILE
 from monai_cf.pipeline.workflow import CFT_FILE, load_checkpoint
 
-__all__ = ["CounterfactualInference", "parse_intervention", "load_scm", "IMAGE_SUFFIXES"]
+__all__ = ["CounterfactualInference", "parse_intervention", "load_scm", "IMAGE_SUFFIXES", "CF_TYPES"]
 
 logger = logging.getLogger("monai_cf.pipeline")
 
@@ -61,20 +62,41 @@ def parse_intervention(do: Mapping[str, Any] | str, graph: CausalGraph) -> dict[
     return dict(do)
 
 
-def load_scm(models_dir: str | os.PathLike, cf_type: str = "soft", device: str | torch.device = "cpu") -> DeepSCM:
+#: counterfactual types :func:`load_scm` loads: the HVAE's fine-tuning modes and the diffusion mechanism
+CF_TYPES = (*CFT_MODES, "diffusion")
+
+
+def load_scm(
+    models_dir: str | os.PathLike,
+    cf_type: str = "soft",
+    device: str | torch.device = "cpu",
+    guidance: DiffusionGuidance | Mapping[str, Any] | str | None = None,
+) -> DeepSCM:
     """The DeepSCM a training pipeline left in ``models_dir``, in eval mode.
 
     ``hvae.pt`` carries the graph and the image model's settings, ``mechanisms.pt`` the attribute mechanisms and
-    ``hvae_cft_<cf_type>.pt`` the fine-tuned image model (``cf_type="none"``: the pretrained HVAE).
+    ``hvae_cft_<cf_type>.pt`` the fine-tuned image model (``cf_type="none"``: the pretrained HVAE). ``cf_type=
+    "diffusion"`` loads ``diffusion.pt`` (the :class:`~monai_cf.pipeline.DiffusionPipeline`'s model, its graph and
+    settings inside) with ``guidance`` (a :class:`~monai_cf.networks.nets.DiffusionGuidance` or its fields).
 
     Example::
 
         scm = load_scm("bundles/cxr_soft_cft/models", "soft")
         x_cf, pa_cf = scm.counterfactual(x, pa, {"sex": "female"})
+        scm = load_scm("bundles/cxr_soft_cft/models", "diffusion", guidance={"mode": "dcfg", "intervened_weight": 4})
     """
-    if cf_type not in CFT_MODES:
-        raise ValueError(f"cf_type must be one of {', '.join(CFT_MODES)}; got {cf_type!r}.")
+    if cf_type not in CF_TYPES:
+        raise ValueError(f"cf_type must be one of {', '.join(CF_TYPES)}; got {cf_type!r}.")
     models_dir = Path(models_dir)
+    if cf_type == "diffusion":
+        diffusion = load_checkpoint(models_dir / DIFFUSION_FILE)
+        model = DiffusionImageMechanism.from_config(diffusion["image_model"])
+        model.load_state_dict(diffusion["state_dict"])
+        scm = DeepSCM(diffusion["settings"]["graph"], model.with_guidance(guidance))
+        scm.mechanisms.load_state_dict(load_checkpoint(models_dir / "mechanisms.pt")["state_dict"])
+        return scm.to(device).eval()
+    if guidance is not None:
+        raise ValueError(f"guidance is a setting of diffusion counterfactuals; cf_type is {cf_type!r}.")
     hvae = load_checkpoint(models_dir / "hvae.pt")
     image_file = models_dir / ("hvae.pt" if cf_type == "none" else CFT_FILE.format(mode=cf_type))
     image = hvae if cf_type == "none" else load_checkpoint(image_file)
@@ -108,7 +130,10 @@ class CounterfactualInference:
         input: a CSV file or a folder of images.
         do: the intervention, e.g. ``{"sex": "female"}`` or its string form.
         output_dir: where to write.
-        cf_type: ``"soft"``, ``"hard"`` or ``"none"`` (the pretrained HVAE).
+        cf_type: ``"soft"``, ``"hard"``, ``"none"`` (the pretrained HVAE) or ``"diffusion"`` (``diffusion.pt`` of the
+            :class:`~monai_cf.pipeline.DiffusionPipeline`).
+        guidance: the diffusion counterfactuals' :class:`~monai_cf.networks.nets.DiffusionGuidance` (its fields, or a
+            mode name); diffusion only.
         columns: CSV column mapping; ``image_root``, ``value_maps``: see :func:`~monai_cf.data.load_csv_datalist`.
         image_root: see ``columns``.
         value_maps: see ``columns``.
@@ -134,6 +159,7 @@ class CounterfactualInference:
         batch_size: int = 16,
         device: str | torch.device | None = None,
         overwrite: bool = False,
+        guidance: DiffusionGuidance | Mapping[str, Any] | str | None = None,
     ) -> None:
         self.models_dir = Path(models_dir)
         self.input = Path(input)
@@ -144,14 +170,22 @@ class CounterfactualInference:
         self.overwrite = overwrite if isinstance(overwrite, bool) else str(overwrite).lower() == "true"
         if not self.input.exists():
             raise ValueError(f"input '{self.input}' does not exist (a CSV file or a folder of images).")
-        hvae = load_checkpoint(self.models_dir / "hvae.pt")
-        settings = hvae["settings"]
+        if cf_type not in CF_TYPES:
+            raise ValueError(f"cf_type must be one of {', '.join(CF_TYPES)}; got {cf_type!r}.")
+        settings = load_checkpoint(self.models_dir / (DIFFUSION_FILE if cf_type == "diffusion" else "hvae.pt"))[
+            "settings"
+        ]
         self.graph = CausalGraph.build(settings["graph"])
         self.spatial_size = int(settings["spatial_size"])
         self.do = parse_intervention(do, self.graph)
         self.encoder = AttributeEncoder(self.graph, value_maps)
         self.do_canonical = {name: self.encoder.canonical(name, value) for name, value in self.do.items()}
-        self.scm = load_scm(self.models_dir, cf_type, self.device)
+        if isinstance(guidance, str) and guidance.strip().startswith("{"):
+            try:
+                guidance = ast.literal_eval(guidance)
+            except (ValueError, SyntaxError) as error:
+                raise ValueError(f"--guidance {guidance!r} is not a dictionary of DiffusionGuidance fields.") from error
+        self.scm = load_scm(self.models_dir, cf_type, self.device, guidance=guidance)
         self.cf_type = cf_type
         self.spatial_dims = self.scm.image_model.spatial_dims
         self.transform = load_image_transforms((self.spatial_size,) * self.spatial_dims, self.graph.image_key)

@@ -162,6 +162,63 @@ def hvae_mimic192_cf(threads: int) -> dict:
     return _hvae_counterfactual("mimic192", 16, threads, warmup=1, repeats=2)
 
 
+def _bundle_diffusion(**overrides: Any) -> Any:
+    """The diffusion mechanism of the bundle's ``diffusion.yaml`` (32x32, the phantom's four image parents)."""
+    from pathlib import Path
+
+    import yaml
+
+    from monai_cf.networks.nets import DiffusionImageMechanism
+
+    config_file = Path(__file__).resolve().parents[2] / "bundles" / "cxr_soft_cft" / "configs" / "diffusion.yaml"
+    config = yaml.safe_load(config_file.read_text())["diffusion_model"]
+    torch.manual_seed(0)
+    parents = {"sex": 1, "race": 3, "age": 1, "disease": 1}
+    return DiffusionImageMechanism(2, 1, 32, parents, **{**config, **overrides})
+
+
+@row("diffusion32_train")
+def diffusion32_train(threads: int) -> dict:
+    model = _bundle_diffusion()
+    x, pa = _images(64, 1, (32, 32), model.parents_dim)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(x, pa)["loss"].backward()
+        optimizer.step()
+
+    result = measure(step, 64, threads, warmup=3, repeats=10)
+    return {"params": sum(p.numel() for p in model.parameters()), **result, "note": "batch 64, diffusion.yaml"}
+
+
+def _diffusion_counterfactual(threads: int, steps: int, guidance: str) -> dict:
+    model = _bundle_diffusion(num_inference_steps=steps).eval()
+    x, pa = _images(50, 1, (32, 32), model.parents_dim)
+    pa_cf = torch.stack([pa.roll(k + 1, 0) for k in range(4)])  # four interventions from one inversion
+    intervened = torch.zeros(4, 50, 4, dtype=torch.bool)
+    for k in range(4):
+        intervened[k, :, k] = True
+    weights = {"mode": guidance, "weight": 3.0, "intervened_weight": 3.0}
+
+    def step() -> None:
+        model.counterfactual(x, pa, pa_cf, intervened=intervened, guidance=weights)
+
+    result = measure(step, 4 * 50, threads, warmup=1, repeats=2)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        **result,
+        "note": f"{steps} DDIM steps, {guidance}; counterfactual images (4 per inversion)",
+    }
+
+
+for _steps in (10, 25, 50):
+    for _guidance in ("none", "cfg", "dcfg"):
+        row(f"diffusion32_cf_s{_steps}_{_guidance}")(
+            lambda threads, steps=_steps, guidance=_guidance: _diffusion_counterfactual(threads, steps, guidance)
+        )
+
+
 def _run_row(name: str, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     load = os.getloadavg()[0]

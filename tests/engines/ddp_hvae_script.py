@@ -8,10 +8,11 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""A few HVAE iterations under ``torchrun`` (gloo, CPU), run by ``test_distributed.py``.
+"""A few HVAE (or diffusion) iterations under ``torchrun`` (gloo, CPU), run by ``test_distributed.py``.
 
-Usage: ``torchrun --nproc_per_node=2 tests/engines/ddp_hvae_script.py OUT_DIR``. Each rank checkpoints into
-``OUT_DIR/rank<r>`` (only rank 0 may write there) and saves its final weights to ``OUT_DIR/final_rank<r>.pt``.
+Usage: ``torchrun --nproc_per_node=2 tests/engines/ddp_hvae_script.py OUT_DIR [hvae|diffusion]``. Each rank
+checkpoints into ``OUT_DIR/rank<r>`` (only rank 0 may write there) and saves its final weights to
+``OUT_DIR/final_rank<r>.pt``.
 """
 
 from __future__ import annotations
@@ -25,19 +26,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from monai_cf.engines import create_data_loader, create_hvae_trainer  # noqa: E402
+from monai_cf.engines import create_data_loader, create_diffusion_trainer, create_hvae_trainer  # noqa: E402
+from monai_cf.networks import DiffusionImageMechanism  # noqa: E402
 from tests.engines.helpers import image_records, tiny_hvae  # noqa: E402
 
 
-def main(out_dir: str) -> None:
+def tiny_diffusion(seed: int) -> DiffusionImageMechanism:
+    torch.manual_seed(seed)
+    tiny = {"channels": (8, 16), "attention_levels": (False, True), "num_head_channels": 8, "norm_num_groups": 8}
+    return DiffusionImageMechanism(2, 1, 16, parent_dims=[3], embed_dim=8, **tiny)
+
+
+def main(out_dir: str, kind: str = "hvae") -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     records = image_records(40, seed=0)
     train = create_data_loader(records[:32], batch_size=4, seed=0)  # 16 samples, 4 batches per rank
     val = create_data_loader(records[32:], batch_size=4, shuffle=False)
-    model = tiny_hvae(seed=rank)  # different initial weights per rank: DDP must start all from rank 0's
-    trainer = create_hvae_trainer(
+    # different initial weights per rank: DDP must start all from rank 0's
+    model = tiny_hvae(seed=rank) if kind == "hvae" else tiny_diffusion(seed=rank)
+    factory = create_hvae_trainer if kind == "hvae" else create_diffusion_trainer
+    trainer = factory(
         model,
         train,
         val,
@@ -56,7 +66,7 @@ def main(out_dir: str) -> None:
             "network": model.state_dict(),
             "ema": trainer.ema.module.state_dict(),
             "iteration": trainer.state.iteration,
-            "val_nelbo": trainer.evaluator.state.metrics["val_nelbo"],
+            "val_metric": trainer.evaluator.state.metrics["val_nelbo" if kind == "hvae" else "val_loss"],
             "samples_seen": len(train.sampler),
         },
         os.path.join(out_dir, f"final_rank{rank}.pt"),
@@ -65,4 +75,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).with_name("ddp_hvae_script.py")
@@ -28,7 +29,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(script: Path, out_dir: Path) -> None:
+def _torchrun(script: Path, out_dir: Path, *args: str) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     command = [
         sys.executable,
@@ -39,13 +40,15 @@ def _torchrun(script: Path, out_dir: Path) -> None:
         f"--master_port={_free_port()}",
         str(script),
         str(out_dir),
+        *args,
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def test_torchrun_two_processes_train_in_lockstep(tmp_path):
-    _torchrun(SCRIPT, tmp_path)
+@pytest.mark.parametrize("kind", ["hvae", "diffusion"])
+def test_torchrun_two_processes_train_in_lockstep(tmp_path, kind):
+    _torchrun(SCRIPT, tmp_path, kind)
     final = [torch.load(tmp_path / f"final_rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert final[0]["iteration"] == final[1]["iteration"] == 8  # 2 epochs x 4 batches per rank
     assert final[0]["samples_seen"] == final[1]["samples_seen"] == 16
@@ -53,7 +56,7 @@ def test_torchrun_two_processes_train_in_lockstep(tmp_path):
         assert torch.equal(value, final[1]["network"][key]), key
     for key, value in final[0]["ema"].items():
         assert torch.equal(value, final[1]["ema"][key]), key
-    assert final[0]["val_nelbo"] == final[1]["val_nelbo"]  # reduced over both shards
+    assert final[0]["val_metric"] == final[1]["val_metric"]  # reduced over both shards
     written = sorted(os.listdir(tmp_path / "rank0"))
     assert "best.pt" in written and "checkpoint_final_iteration=8.pt" in written
     assert not (tmp_path / "rank1").exists()

@@ -239,3 +239,15 @@ def test_inversion_then_generation_reconstructs(trained_tiny):
     # patients; a cosine schedule's alpha_bar(T) = 2e-9 made it 0.79 (the top step divides by sqrt(alpha_bar))
     assert errors[50] < 0.03 and errors[10] < 0.12
     assert errors[50] < 0.2 * other and errors[50] < errors[10]
+
+
+def test_inference_in_chunks_equals_one_call():
+    model = _mechanism()
+    x_t, pa = torch.randn(5, 1, 8, 8), _parents(5)
+    mask = torch.tensor([[True, False, False, True]] * 5)
+    whole = model.predict_noise(x_t, 100, pa, mask)
+    model.max_batch = 2
+    torch.testing.assert_close(model.predict_noise(x_t, 100, pa, mask), whole, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model.predict_noise(x_t, 100, pa), model.with_guidance(None).predict_noise(x_t, 100, pa))
+    with pytest.raises(ValueError, match="max_batch"):
+        _mechanism(max_batch=0)
