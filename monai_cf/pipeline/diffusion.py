@@ -38,8 +38,8 @@ DIFFUSION_STAGES = (*STAGES[:-1], "diffusion", STAGES[-1])
 #: the diffusion counterfactual types evaluated by default
 DEFAULT_GUIDANCE_TYPES = {
     "none": {"mode": "none"},
-    "cfg_2": {"mode": "cfg", "weight": 2.0},
     "cfg_4": {"mode": "cfg", "weight": 4.0},
+    "cfg_12": {"mode": "cfg", "weight": 12.0},
     "dcfg": {"mode": "dcfg", "intervened_weight": 4.0, "invariant_weight": 1.0},
 }
 DEFAULT_DIFFUSION_TRAINING = {"max_epochs": 20, "lr": 1e-3, "batch_size": 64}
