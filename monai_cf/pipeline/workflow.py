@@ -239,7 +239,8 @@ class CounterfactualPipeline:
         hvae_training: :func:`~monai_cf.engines.create_hvae_trainer` arguments (``max_epochs``, ``lr``, ``beta``...).
         cft: ``modes`` (subset of none / hard / soft), ``fine_tune_none`` (``False``: ``none`` is the pretrained
             HVAE), and :func:`~monai_cf.engines.create_cft_trainer` arguments (``max_epochs``, ``lr``...).
-        evaluation: :class:`~monai_cf.engines.CounterfactualEvaluator` arguments (``batch_size``, ``seed``...).
+        evaluation: :class:`~monai_cf.engines.CounterfactualEvaluator` arguments (``batch_size``, ``seed``...) and
+            ``num_test``: evaluate the first this many test images (``None``: all).
         retrain: ``True`` for every stage, or stage names to retrain although their files exist.
         device: torch device (default: CUDA when available).
         seed: seed of every stage.
@@ -369,6 +370,11 @@ class CounterfactualPipeline:
         return config
 
     def _validate(self) -> None:
+        num_test = _cli_value(self.evaluation.get("num_test"))
+        if "num_test" in self.evaluation:
+            self.evaluation["num_test"] = num_test
+        if num_test is not None and (isinstance(num_test, bool) or not isinstance(num_test, int) or num_test < 1):
+            raise ValueError(f"evaluation.num_test must be a positive number of test images or null, got {num_test!r}.")
         if ENGINE_IMAGE_KEY in self.graph.attributes:
             raise ValueError(
                 f"The graph names an attribute '{ENGINE_IMAGE_KEY}', the key the trainers give the image; rename it."
@@ -1042,8 +1048,6 @@ class CounterfactualPipeline:
         num_test = options.pop("num_test", None)
         split: Any = "test"
         if num_test is not None:
-            if int(num_test) < 1:
-                raise ValueError(f"evaluation.num_test must be a positive number of test images, got {num_test}.")
             # the first rows, so that every model of a comparison sees the same images
             split = torch.utils.data.Subset(
                 self._datasets["test"], range(min(int(num_test), len(self._datasets["test"])))

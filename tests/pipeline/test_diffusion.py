@@ -114,6 +114,7 @@ def test_diffusion_inference_with_the_same_do_syntax(diffusion_run):
         ({"diffusion_model": {"num_inference_steps": -2}}, "DDIM steps must be a positive integer"),
         ({"diffusion_model": {"spatial_size": 64}}, "diffusion_model.spatial_size=64"),
         ({"compare_hvae": ["soft", "softer"]}, "unknown fine-tuning modes \\['softer'\\]"),
+        ({"evaluation": {"num_test": 0}}, "evaluation.num_test must be a positive number"),
     ],
 )
 def test_bad_diffusion_settings_fail_before_training(overrides, expected, tmp_path):
