@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from monai_cf.engines.hvae_trainer import HVAEEvaluator, HVAETrainer, build_image_trainer
+from monai_cf.engines.hvae_trainer import HVAEEvaluator, HVAETrainer, build_image_trainer, image_trainer_options
 from monai_cf.networks.nets.diffusion import DiffusionImageMechanism
 
 __all__ = ["DiffusionTrainer", "DiffusionEvaluator", "create_diffusion_trainer", "DIFFUSION_OUTPUT_KEYS"]
@@ -172,21 +172,6 @@ def create_diffusion_trainer(
         val_loader,
         output_dir,
         stage="diffusion",
-        max_epochs=max_epochs,
-        lr=lr,
-        weight_decay=weight_decay,
-        betas=betas,
-        warmup_steps=warmup_steps,
-        grad_clip=grad_clip,
-        grad_skip=grad_skip,
-        ema_rate=ema_rate,
-        ema_warmup=ema_warmup,
-        ema_warmup_steps=ema_warmup_steps,
-        image_range=image_range,
-        device=device,
-        seed=seed,
-        amp=amp,
-        amp_kwargs=amp_kwargs,
-        distributed=distributed,
+        options=image_trainer_options(locals()),
         **handler_kwargs,
     )

@@ -49,7 +49,15 @@ else:
     EventEnum, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "EventEnum")
     Metric, _ = optional_import("ignite.metrics", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Metric")
 
-__all__ = ["HVAETrainer", "HVAEEvaluator", "create_hvae_trainer", "build_image_trainer", "HVAE_OUTPUT_KEYS"]
+__all__ = [
+    "HVAETrainer",
+    "HVAEEvaluator",
+    "create_hvae_trainer",
+    "build_image_trainer",
+    "image_trainer_options",
+    "IMAGE_TRAINER_OPTIONS",
+    "HVAE_OUTPUT_KEYS",
+]
 
 #: Scalars of an :class:`HVAETrainer` iteration's output.
 HVAE_OUTPUT_KEYS = ("loss", "nll", "kl", "grad_norm", "skipped")
@@ -539,22 +547,7 @@ def create_hvae_trainer(
         val_loader,
         output_dir,
         stage="hvae",
-        max_epochs=max_epochs,
-        lr=lr,
-        weight_decay=weight_decay,
-        betas=betas,
-        warmup_steps=warmup_steps,
-        grad_clip=grad_clip,
-        grad_skip=grad_skip,
-        ema_rate=ema_rate,
-        ema_warmup=ema_warmup,
-        ema_warmup_steps=ema_warmup_steps,
-        image_range=image_range,
-        device=device,
-        seed=seed,
-        amp=amp,
-        amp_kwargs=amp_kwargs,
-        distributed=distributed,
+        options=image_trainer_options(locals()),
         trainer_kwargs={"beta": beta, "free_bits": free_bits},
         params={
             "beta": image_model.beta if beta is None else beta,
@@ -564,6 +557,34 @@ def create_hvae_trainer(
     )
 
 
+#: the optimisation settings every image-mechanism factory takes (see :func:`build_image_trainer`)
+IMAGE_TRAINER_OPTIONS = (
+    "max_epochs",
+    "lr",
+    "weight_decay",
+    "betas",
+    "warmup_steps",
+    "grad_clip",
+    "grad_skip",
+    "ema_rate",
+    "ema_warmup",
+    "ema_warmup_steps",
+    "image_range",
+    "device",
+    "seed",
+    "amp",
+    "amp_kwargs",
+    "distributed",
+)
+# the options the trainer itself takes (the optimiser's and the device are handled by the factory core)
+_TRAINER_OPTIONS = tuple(k for k in IMAGE_TRAINER_OPTIONS if k not in ("lr", "weight_decay", "betas", "device"))
+
+
+def image_trainer_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`IMAGE_TRAINER_OPTIONS` among a factory's arguments (its ``locals()``)."""
+    return {name: arguments[name] for name in IMAGE_TRAINER_OPTIONS}
+
+
 def build_image_trainer(
     trainer_class: type[HVAETrainer],
     network: nn.Module,
@@ -571,70 +592,51 @@ def build_image_trainer(
     val_loader: DataLoader | None,
     output_dir: str | os.PathLike | None,
     stage: str,
-    max_epochs: int,
-    lr: float,
-    weight_decay: float,
-    betas: Sequence[float],
-    warmup_steps: int,
-    grad_clip: float | None,
-    grad_skip: float | None,
-    ema_rate: float | None,
-    ema_warmup: str,
-    ema_warmup_steps: int,
-    image_range: Sequence[float],
-    device: str | torch.device | None,
-    seed: int,
-    amp: bool,
-    amp_kwargs: dict | None,
-    distributed: bool | None,
+    options: Mapping[str, Any],
     trainer_kwargs: Mapping[str, Any] | None = None,
     params: Mapping[str, Any] | None = None,
     **handler_kwargs: Any,
 ) -> HVAETrainer:
     """The shared core of the image-mechanism factories: AdamW, the trainer, its evaluator and handlers.
 
-    ``trainer_kwargs`` go to ``trainer_class`` beside the common arguments; ``params`` join the tracked parameters.
+    ``options`` holds every :data:`IMAGE_TRAINER_OPTIONS` entry (see :func:`create_hvae_trainer` for their meaning);
+    ``trainer_kwargs`` go to ``trainer_class`` beside them; ``params`` join the tracked parameters; ``stage`` names
+    the run.
     """
+    missing = sorted(set(IMAGE_TRAINER_OPTIONS) - set(options))
+    if missing:
+        raise ValueError(f"build_image_trainer options lack {missing}.")
+    device = options["device"]
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     image_model, _ = resolve_image_model(network, trainer_class.image_model_types)
     network = network.to(device)
     optimizer = torch.optim.AdamW(
-        image_model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay, **fused_optimizer_kwargs(device)
+        image_model.parameters(),
+        lr=options["lr"],
+        betas=tuple(options["betas"]),
+        weight_decay=options["weight_decay"],
+        **fused_optimizer_kwargs(device),
     )
     trainer = trainer_class(
         device=device,
-        max_epochs=max_epochs,
         train_data_loader=train_loader,
         network=network,
         optimizer=optimizer,
-        warmup_steps=warmup_steps,
-        grad_clip=grad_clip,
-        grad_skip=grad_skip,
-        ema_rate=ema_rate,
-        ema_warmup=ema_warmup,
-        ema_warmup_steps=ema_warmup_steps,
-        image_range=image_range,
-        seed=seed,
-        distributed=distributed,
-        amp=amp,
-        amp_kwargs=amp_kwargs,
+        **{name: options[name] for name in _TRAINER_OPTIONS},
         **dict(trainer_kwargs or {}),
     )
-    trainer.evaluator = None if val_loader is None else trainer.create_evaluator(val_loader, seed=seed)
+    trainer.evaluator = None if val_loader is None else trainer.create_evaluator(val_loader, seed=options["seed"])
     tracked = {
         "stage": stage,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "betas": tuple(betas),
-        "warmup_steps": warmup_steps,
-        "grad_clip": grad_clip,
-        "grad_skip": grad_skip,
-        "ema_rate": ema_rate,
-        "ema_warmup": f"{ema_warmup}:{ema_warmup_steps}",
+        **{
+            name: options[name] for name in ("lr", "weight_decay", "warmup_steps", "grad_clip", "grad_skip", "ema_rate")
+        },
+        "betas": tuple(options["betas"]),
+        "ema_warmup": f"{options['ema_warmup']}:{options['ema_warmup_steps']}",
         **dict(params or {}),
         "batch_size": getattr(train_loader, "batch_size", None),
         "num_parameters": sum(p.numel() for p in image_model.parameters()),
-        "seed": seed,
+        "seed": options["seed"],
         "world_size": torch.distributed.get_world_size() if is_distributed() else 1,
     }
     tracked.update(handler_kwargs.pop("tracking_params", None) or {})

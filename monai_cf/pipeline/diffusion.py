@@ -23,7 +23,6 @@ from monai_cf.pipeline.workflow import (
     STAGES,
     CounterfactualPipeline,
     _jsonable,
-    _run_together,
     _seeded,
 )
 
@@ -154,24 +153,9 @@ class DiffusionPipeline(CounterfactualPipeline):
             scm = self.build_diffusion_scm()
         ckpt = self._reusable("diffusion", DIFFUSION_FILE, settings)
         if ckpt is None:
-            self._prepare_data()
             training = dict(self.diffusion_training)
             batch = int(training.pop("batch_size"))
-            run_dir = self.models_dir / "runs" / DIFFUSION_FILE.removesuffix(".pt")
-            trainer = create_diffusion_trainer(
-                scm,
-                self._loader("train", batch, True),
-                self._loader("val", batch, False),
-                run_dir,
-                max_epochs=int(training.pop("max_epochs")),
-                device=self.device,
-                seed=self.seed,
-                **training,
-                **self._handler_kwargs("diffusion"),
-            )
-            _run_together(trainer)
-            model = trainer.ema.module if trainer.ema is not None else scm.image_model
-            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            trainer, state = self._train_image_model(create_diffusion_trainer, scm, "diffusion", batch, training)
             metrics = dict(trainer.evaluator.state.metrics) if trainer.evaluator is not None else {}
             uid = self._save(
                 DIFFUSION_FILE,

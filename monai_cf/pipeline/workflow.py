@@ -837,22 +837,7 @@ class CounterfactualPipeline:
     def _hvae_stage(self) -> DeepSCM:
         settings, scm, ckpt = self._fresh_scm_and_checkpoint("hvae", _STAGE_FILES["hvae"])
         if ckpt is None:
-            self._prepare_data()
-            training = dict(self.hvae_training)
-            trainer = create_hvae_trainer(
-                scm,
-                self._loader("train", self.batch_size, True),
-                self._loader("val", self.batch_size, False),
-                self.models_dir / "runs" / "hvae",
-                max_epochs=int(training.pop("max_epochs")),
-                device=self.device,
-                seed=self.seed,
-                **training,
-                **self._handler_kwargs("hvae"),
-            )
-            _run_together(trainer)
-            model = trainer.ema.module if trainer.ema is not None else scm.image_model
-            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            _, state = self._train_image_model(create_hvae_trainer, scm, "hvae", self.batch_size, self.hvae_training)
             uid = self._save(_STAGE_FILES["hvae"], state, settings, {"image_model": _jsonable(self.image_model_config)})
             _barrier()
             ckpt = {"uid": uid, "state_dict": state}
@@ -860,6 +845,31 @@ class CounterfactualPipeline:
         self.hvae_uid = ckpt["uid"]
         scm.image_model.load_state_dict(self.pretrained_state)
         return scm
+
+    def _train_image_model(
+        self, factory: Any, scm: DeepSCM, stage: str, batch_size: int, training: Mapping[str, Any]
+    ) -> tuple[Any, dict[str, torch.Tensor]]:
+        """Train ``scm``'s image model with ``factory`` (a ``create_*_trainer``) in ``models_dir/runs/<stage>``.
+
+        ``training`` holds ``max_epochs`` and the factory's other settings. Returns the trainer and the weights to
+        keep (the EMA's when there is one), on the CPU.
+        """
+        self._prepare_data()
+        training = dict(training)
+        trainer = factory(
+            scm,
+            self._loader("train", batch_size, True),
+            self._loader("val", batch_size, False),
+            self.models_dir / "runs" / stage,
+            max_epochs=int(training.pop("max_epochs")),
+            device=self.device,
+            seed=self.seed,
+            **training,
+            **self._handler_kwargs(stage),
+        )
+        _run_together(trainer)
+        model = trainer.ema.module if trainer.ema is not None else scm.image_model
+        return trainer, {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
     def _scm_with(self, image_state: Mapping[str, Any]) -> DeepSCM:
         scm = self.build_scm()

@@ -47,3 +47,23 @@ def image_records(n: int, seed: int = 0, size: int = 16) -> list[dict]:
 
 def parameters_vector(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
+
+
+def interrupted_and_resumed(factory, tmp_path, stop_at: int = 6) -> tuple:
+    """``(reference, interrupted, resumed)`` trainers of ``factory(output_dir, model_seed=...)``: an uninterrupted
+    run, a run stopped after ``stop_at`` iterations, and that run resumed from its folder with other initial
+    weights (so that everything the resumed run has must come from the checkpoint). Asserts that the interrupted
+    run left its final checkpoint at ``stop_at``."""
+    from ignite.engine import Events
+
+    from monai_cf.handlers import latest_checkpoint
+
+    reference = factory(tmp_path / "reference")
+    reference.run()
+    interrupted = factory(tmp_path / "resumed")
+    interrupted.add_event_handler(Events.ITERATION_COMPLETED(once=stop_at), lambda engine: engine.terminate())
+    interrupted.run()
+    assert latest_checkpoint(tmp_path / "resumed").name == f"checkpoint_final_iteration={stop_at}.pt"
+    resumed = factory(tmp_path / "resumed", model_seed=99)
+    resumed.run()
+    return reference, interrupted, resumed

@@ -14,12 +14,10 @@ import os
 
 import pytest
 import torch
-from ignite.engine import Events
 
 from monai_cf.engines import DiffusionEvaluator, DiffusionTrainer, create_data_loader, create_diffusion_trainer
-from monai_cf.handlers import latest_checkpoint
 from monai_cf.networks import DiffusionImageMechanism
-from tests.engines.helpers import image_records, parameters_vector, tiny_hvae
+from tests.engines.helpers import image_records, interrupted_and_resumed, parameters_vector, tiny_hvae
 
 TINY = {"channels": (8, 16), "attention_levels": (False, True), "num_head_channels": 8, "norm_num_groups": 8}
 
@@ -58,15 +56,8 @@ def test_validation_repeats_for_the_same_weights(tmp_path):
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
-    reference = _factory(tmp_path / "reference")
-    reference.run()
-    interrupted = _factory(tmp_path / "resumed")
-    interrupted.add_event_handler(Events.ITERATION_COMPLETED(once=6), lambda engine: engine.terminate())
-    interrupted.run()
-    assert latest_checkpoint(tmp_path / "resumed").name == "checkpoint_final_iteration=6.pt"
-    resumed = _factory(tmp_path / "resumed", model_seed=99)
-    resumed.run()
-    assert resumed.state.iteration == 12
+    reference, interrupted, resumed = interrupted_and_resumed(_factory, tmp_path)
+    assert interrupted.state.iteration == 6 and resumed.state.iteration == 12
     assert torch.allclose(parameters_vector(resumed.image_model), parameters_vector(reference.image_model), atol=1e-6)
     assert torch.allclose(parameters_vector(resumed.ema.module), parameters_vector(reference.ema.module), atol=1e-6)
     assert resumed.evaluator.state.metrics["val_loss"] == pytest.approx(

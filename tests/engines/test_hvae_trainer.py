@@ -19,9 +19,8 @@ from ignite.engine import Events
 from monai.handlers import from_engine
 
 from monai_cf.engines import HVAEEvaluator, HVAETrainer, create_data_loader, create_hvae_trainer, derive_seed
-from monai_cf.handlers import latest_checkpoint
 from monai_cf.networks import DeepSCM
-from tests.engines.helpers import image_records, parameters_vector, tiny_hvae
+from tests.engines.helpers import image_records, interrupted_and_resumed, parameters_vector, tiny_hvae
 
 
 def _loaders(n_train: int = 32, n_val: int = 8, batch_size: int = 8):
@@ -108,17 +107,8 @@ def test_ema_is_what_the_evaluator_evaluates():
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
-    reference = _factory(tmp_path / "reference")
-    reference.run()
-
-    interrupted = _factory(tmp_path / "resumed")
-    interrupted.add_event_handler(Events.ITERATION_COMPLETED(once=6), lambda engine: engine.terminate())
-    interrupted.run()
+    reference, interrupted, resumed = interrupted_and_resumed(_factory, tmp_path)
     assert interrupted.state.iteration == 6  # mid-epoch 2 (4 iterations per epoch)
-    assert latest_checkpoint(tmp_path / "resumed").name == "checkpoint_final_iteration=6.pt"
-
-    resumed = _factory(tmp_path / "resumed", model_seed=99)  # other initial weights: all state must come from disk
-    resumed.run()
     assert resumed.state.iteration == 12 and resumed.state.epoch == 3
     assert torch.allclose(parameters_vector(resumed.image_model), parameters_vector(reference.image_model), atol=1e-6)
     assert torch.allclose(parameters_vector(resumed.ema.module), parameters_vector(reference.ema.module), atol=1e-6)

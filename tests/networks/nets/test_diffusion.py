@@ -33,6 +33,18 @@ def _mechanism(spatial_dims: int = 2, size: int = 8, seed: int = 0, **kwargs) ->
     return model.eval()
 
 
+def _scm_image_model(size: int, **kwargs) -> dict:
+    """A DeepSCM ``image_model`` config of a small 2D diffusion mechanism."""
+    return {
+        "mechanism": "diffusion",
+        "spatial_dims": 2,
+        "in_channels": 1,
+        "spatial_size": size,
+        "embed_dim": 16,
+        **kwargs,
+    }
+
+
 def _parents(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 6, generator=g) * 2 - 1
@@ -163,17 +175,7 @@ def test_bad_input_is_named():
 
 def test_deepscm_passes_each_samples_intervened_group():
     torch.manual_seed(0)
-    scm = DeepSCM(
-        "mimic_cxr",
-        image_model={
-            "mechanism": "diffusion",
-            "spatial_dims": 2,
-            "in_channels": 1,
-            "spatial_size": 8,
-            "embed_dim": 16,
-            **TINY,
-        },
-    )
+    scm = DeepSCM("mimic_cxr", image_model=_scm_image_model(8, **TINY))
     assert scm.image_model.parent_names == tuple(scm.graph.image_parents)
     parents = list(scm.graph.image_parents)
     groups = scm.intervened_groups({"age": 30.0}, 3)
@@ -201,17 +203,9 @@ def trained_tiny():
     data = phantom.sample_batch(64)
     scm = DeepSCM(
         "mimic_cxr",
-        image_model={
-            "mechanism": "diffusion",
-            "spatial_dims": 2,
-            "in_channels": 1,
-            "spatial_size": 16,
-            "embed_dim": 16,
-            "channels": (16, 32),
-            "attention_levels": (False, True),
-            "num_head_channels": 16,
-            "norm_num_groups": 8,
-        },
+        image_model=_scm_image_model(
+            16, channels=(16, 32), attention_levels=(False, True), num_head_channels=16, norm_num_groups=8
+        ),
     )
     x = torch.as_tensor(data["image"]) * 2 - 1
     pa = scm.parents_vector(scm.encode_attributes({n: data[n] for n in scm.graph.attributes}))
