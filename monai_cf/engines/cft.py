@@ -30,6 +30,7 @@ from monai_cf.engines.cft_targets import (
     sample_interventions,
 )
 from monai_cf.engines.hvae_trainer import HVAETrainer, model_inputs, resolve_image_model
+from monai_cf.engines.optimizers import OptimizerFactory, build_optimizer, optimizer_params
 from monai_cf.engines.utils import OutputSummary, guarded_optimizer_step, is_distributed, setup_training_handlers
 from monai_cf.networks.nets.mechanisms import counterfactual_all
 from monai_cf.networks.nets.predictor import AttributeLoss, AttributePredictor
@@ -341,6 +342,7 @@ def create_cft_trainer(
     lr: float = 1e-4,
     weight_decay: float = 0.05,
     betas: Sequence[float] = (0.9, 0.9),
+    optimizer: OptimizerFactory | None = None,
     damping: float = 10.0,
     lagrange_lr: float = 0.1,
     grad_clip: float | None = 100.0,
@@ -367,7 +369,9 @@ def create_cft_trainer(
     the objective. ``trainable="parents"`` updates only the parents' pathway into the HVAE
     (:meth:`~monai_cf.networks.nets.HVAE.parents_pathway_parameters`; the other parameters get
     ``requires_grad=False``), so that fine-tuning changes how the parents act while the blocks that draw the image
-    stay as the likelihood trained them. Checkpoints, resume, progress bar and MLflow as
+    stay as the likelihood trained them. ``optimizer`` builds another optimiser from the trained parameters instead
+    of AdamW (``lr``, ``betas`` and ``weight_decay`` are then unused), e.g. ``functools.partial(torch.optim.SGD,
+    lr=1e-3)``; the multiplier keeps its own AdamW (``lagrange_lr``). Checkpoints, resume, progress bar and MLflow as
     :func:`~monai_cf.engines.create_hvae_trainer` (``handler_kwargs`` go to
     :func:`~monai_cf.engines.setup_training_handlers`).
 
@@ -390,7 +394,12 @@ def create_cft_trainer(
             p.requires_grad_(id(p) in chosen)  # no weight gradients for the frozen blocks: a cheaper backward
     else:
         parameters = list(network.image_model.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    optimizer_factory = optimizer
+    optimizer = build_optimizer(
+        optimizer_factory,
+        parameters,
+        lambda params: torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay),
+    )
     trainer = CounterfactualFineTuner(
         device=device,
         max_epochs=max_epochs,
@@ -431,6 +440,7 @@ def create_cft_trainer(
         "trainable": trainable,
         "intervened_targets": intervened_targets,
         "world_size": torch.distributed.get_world_size() if is_distributed() else 1,
+        **optimizer_params(optimizer, optimizer_factory),
     }
     params.update(handler_kwargs.pop("tracking_params", None) or {})
     trainer.attached_handlers = setup_training_handlers(

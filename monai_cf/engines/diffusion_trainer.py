@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from monai_cf.engines.hvae_trainer import HVAEEvaluator, HVAETrainer, build_image_trainer, image_trainer_options
+from monai_cf.engines.optimizers import OptimizerFactory
 from monai_cf.networks.nets.diffusion import DiffusionImageMechanism
 
 __all__ = ["DiffusionTrainer", "DiffusionEvaluator", "create_diffusion_trainer", "DIFFUSION_OUTPUT_KEYS"]
@@ -115,6 +116,7 @@ def create_diffusion_trainer(
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     betas: Sequence[float] = (0.9, 0.999),
+    optimizer: OptimizerFactory | None = None,
     warmup_steps: int = 100,
     grad_clip: float | None = 1.0,
     grad_skip: float | None = None,
@@ -144,6 +146,8 @@ def create_diffusion_trainer(
         lr: peak learning rate.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
+        optimizer: builds another optimiser from the parameters instead of AdamW (see
+            :func:`~monai_cf.engines.create_hvae_trainer`).
         warmup_steps: linear warm-up length in updates.
         grad_clip: gradient-norm clipping threshold.
         grad_skip: skip updates whose gradient norm reaches this (``None``: only non-finite ones).

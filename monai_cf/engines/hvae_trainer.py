@@ -23,6 +23,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 from torch.utils.data import DataLoader
 
+from monai_cf.engines.optimizers import OptimizerFactory, build_optimizer, optimizer_params
 from monai_cf.engines.runtime import tune_cpu_allocator
 from monai_cf.engines.utils import (
     CounterfactualPrepareBatch,
@@ -38,7 +39,9 @@ from monai_cf.engines.utils import (
     setup_training_handlers,
 )
 from monai_cf.handlers.ema import EMAHandler, ExponentialMovingAverage, unwrap_module
+from monai_cf.networks.nets.diffusion import DiffusionImageMechanism
 from monai_cf.networks.nets.hvae import HVAE
+from monai_cf.networks.nets.image_mechanism import is_image_mechanism
 from monai_cf.networks.scm import DeepSCM
 
 if TYPE_CHECKING:
@@ -71,8 +74,12 @@ def resolve_image_model(network: nn.Module, types: tuple[type, ...] = (HVAE,)) -
     scm = module if isinstance(module, DeepSCM) else None
     image_model = module.image_model if scm is not None else module
     image_model = unwrap_module(image_model)
-    if not isinstance(image_model, types):
-        kinds = " or ".join(t.__name__ for t in types)
+    # an HVAE trainer also trains a user's HVAE-like network (see monai_cf.networks.nets.image_mechanism)
+    hvae_like = (
+        HVAE in types and is_image_mechanism(image_model) and not isinstance(image_model, DiffusionImageMechanism)
+    )
+    if not isinstance(image_model, types) and not hvae_like:
+        kinds = " or ".join(t.__name__ for t in types) + (" (or an HVAE-like image mechanism)" if HVAE in types else "")
         raise ValueError(
             f"network must be a {kinds}, a DeepSCM of one or one of them wrapped in DistributedDataParallel; got "
             f"{type(network).__name__}" + (f" holding a {type(image_model).__name__}." if scm is not None else ".")
@@ -479,6 +486,7 @@ def create_hvae_trainer(
     lr: float = 1e-3,
     weight_decay: float = 0.01,
     betas: Sequence[float] = (0.9, 0.9),
+    optimizer: OptimizerFactory | None = None,
     warmup_steps: int = 100,
     grad_clip: float | None = 350.0,
     grad_skip: float | None = 500.0,
@@ -515,6 +523,8 @@ def create_hvae_trainer(
         lr: peak learning rate.
         weight_decay: AdamW weight decay (the reference: 0.01 for MorphoMNIST, 0.05-0.1 for MIMIC).
         betas: AdamW betas.
+        optimizer: builds another optimiser from the HVAE's parameters instead of AdamW (``lr``, ``betas`` and
+            ``weight_decay`` are then unused), e.g. ``functools.partial(torch.optim.SGD, lr=0.01)``.
         warmup_steps: linear warm-up length in updates.
         grad_clip: gradient-norm clipping threshold.
         grad_skip: gradient-norm threshold above which an update is skipped.
@@ -550,8 +560,8 @@ def create_hvae_trainer(
         options=image_trainer_options(locals()),
         trainer_kwargs={"beta": beta, "free_bits": free_bits},
         params={
-            "beta": image_model.beta if beta is None else beta,
-            "free_bits": image_model.free_bits if free_bits is None else free_bits,
+            "beta": getattr(image_model, "beta", None) if beta is None else beta,
+            "free_bits": getattr(image_model, "free_bits", None) if free_bits is None else free_bits,
         },
         **handler_kwargs,
     )
@@ -563,6 +573,7 @@ IMAGE_TRAINER_OPTIONS = (
     "lr",
     "weight_decay",
     "betas",
+    "optimizer",
     "warmup_steps",
     "grad_clip",
     "grad_skip",
@@ -577,7 +588,9 @@ IMAGE_TRAINER_OPTIONS = (
     "distributed",
 )
 # the options the trainer itself takes (the optimiser's and the device are handled by the factory core)
-_TRAINER_OPTIONS = tuple(k for k in IMAGE_TRAINER_OPTIONS if k not in ("lr", "weight_decay", "betas", "device"))
+_TRAINER_OPTIONS = tuple(
+    k for k in IMAGE_TRAINER_OPTIONS if k not in ("lr", "weight_decay", "betas", "optimizer", "device")
+)
 
 
 def image_trainer_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
@@ -597,7 +610,7 @@ def build_image_trainer(
     params: Mapping[str, Any] | None = None,
     **handler_kwargs: Any,
 ) -> HVAETrainer:
-    """The shared core of the image-mechanism factories: AdamW, the trainer, its evaluator and handlers.
+    """The shared core of the image-mechanism factories: the optimiser, the trainer, its evaluator and handlers.
 
     ``options`` holds every :data:`IMAGE_TRAINER_OPTIONS` entry (see :func:`create_hvae_trainer` for their meaning);
     ``trainer_kwargs`` go to ``trainer_class`` beside them; ``params`` join the tracked parameters; ``stage`` names
@@ -610,12 +623,16 @@ def build_image_trainer(
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     image_model, _ = resolve_image_model(network, trainer_class.image_model_types)
     network = network.to(device)
-    optimizer = torch.optim.AdamW(
+    optimizer = build_optimizer(
+        options["optimizer"],
         image_model.parameters(),
-        lr=options["lr"],
-        betas=tuple(options["betas"]),
-        weight_decay=options["weight_decay"],
-        **fused_optimizer_kwargs(device),
+        lambda parameters: torch.optim.AdamW(
+            parameters,
+            lr=options["lr"],
+            betas=tuple(options["betas"]),
+            weight_decay=options["weight_decay"],
+            **fused_optimizer_kwargs(device),
+        ),
     )
     trainer = trainer_class(
         device=device,
@@ -633,6 +650,7 @@ def build_image_trainer(
         },
         "betas": tuple(options["betas"]),
         "ema_warmup": f"{options['ema_warmup']}:{options['ema_warmup_steps']}",
+        **optimizer_params(optimizer, options["optimizer"]),
         **dict(params or {}),
         "batch_size": getattr(train_loader, "batch_size", None),
         "num_parameters": sum(p.numel() for p in image_model.parameters()),

@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from monai_cf.data.encoding import AttributeEncoder
+from monai_cf.engines.optimizers import OptimizerFactory, build_optimizer, optimizer_params
 from monai_cf.engines.runtime import tune_cpu_allocator
 from monai_cf.engines.utils import (
     AttributePrepareBatch,
@@ -310,6 +311,7 @@ def create_predictor_trainer(
     max_epochs: int = 5,
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
+    optimizer: OptimizerFactory | None = None,
     loss_function: nn.Module | None = None,
     device: str | torch.device | None = None,
     seed: int = 0,
@@ -336,6 +338,8 @@ def create_predictor_trainer(
         max_epochs: number of epochs.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
+        optimizer: builds another optimiser from the predictor's parameters instead of AdamW (``lr`` and
+            ``weight_decay`` are then unused).
         loss_function: default ``AttributeLoss(predictor.graph, predictor.attributes)``.
         device: device (default: CUDA if available, else CPU).
         seed: seed of the per-iteration random state (dropout).
@@ -355,8 +359,13 @@ def create_predictor_trainer(
     predictor = predictor.to(device)
     prepare = AttributePrepareBatch(predictor.graph, attributes=predictor.attributes)
     loss_function = loss_function or AttributeLoss(predictor.graph, attributes=predictor.attributes)
-    optimizer = torch.optim.AdamW(
-        predictor.parameters(), lr=lr, weight_decay=weight_decay, **fused_optimizer_kwargs(device)
+    optimizer_factory = optimizer
+    optimizer = build_optimizer(
+        optimizer_factory,
+        predictor.parameters(),
+        lambda parameters: torch.optim.AdamW(
+            parameters, lr=lr, weight_decay=weight_decay, **fused_optimizer_kwargs(device)
+        ),
     )
     trainer = SupervisedTrainer(
         device=device,
@@ -395,6 +404,7 @@ def create_predictor_trainer(
         "attributes": ",".join(predictor.attributes),
         "num_parameters": sum(p.numel() for p in predictor.parameters()),
         "seed": seed,
+        **optimizer_params(optimizer, optimizer_factory),
     }
     params.update(handler_kwargs.pop("tracking_params", None) or {})
     trainer.attached_handlers = setup_training_handlers(
@@ -419,6 +429,7 @@ def create_mechanism_trainer(
     batch_size: int = 256,
     lr: float = 3e-3,
     weight_decay: float = 0.0,
+    optimizer: OptimizerFactory | None = None,
     device: str | torch.device | None = None,
     seed: int = 0,
     distributed: bool | None = None,
@@ -443,6 +454,8 @@ def create_mechanism_trainer(
         batch_size: batch size of the loaders built from attribute data.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
+        optimizer: builds another optimiser from the mechanisms' parameters instead of AdamW (``lr`` and
+            ``weight_decay`` are then unused).
         device: device (default: CUDA if available, else CPU).
         seed: seed of the data order.
         distributed: wrap in ``DistributedDataParallel`` (``None``: when a process group runs).
@@ -469,8 +482,13 @@ def create_mechanism_trainer(
 
     train_loader = as_loader(train_data, True)
     prepare = AttributePrepareBatch(graph, image_key=None)
-    optimizer = torch.optim.AdamW(
-        likelihood.parameters(), lr=lr, weight_decay=weight_decay, **fused_optimizer_kwargs(device)
+    optimizer_factory = optimizer
+    optimizer = build_optimizer(
+        optimizer_factory,
+        likelihood.parameters(),
+        lambda parameters: torch.optim.AdamW(
+            parameters, lr=lr, weight_decay=weight_decay, **fused_optimizer_kwargs(device)
+        ),
     )
     trainer = SupervisedTrainer(
         device=device,
@@ -508,6 +526,7 @@ def create_mechanism_trainer(
         "batch_size": getattr(train_loader, "batch_size", None),
         "num_parameters": sum(p.numel() for p in likelihood.parameters()),
         "seed": seed,
+        **optimizer_params(optimizer, optimizer_factory),
     }
     params.update(handler_kwargs.pop("tracking_params", None) or {})
     trainer.attached_handlers = setup_training_handlers(

@@ -655,6 +655,7 @@ def setup_training_handlers(
     run_name: str | None = None,
     tracking_params: Mapping[str, Any] | None = None,
     artifacts: Sequence[str | os.PathLike] | None = None,
+    handlers: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
     """Attach the usual MONAI handlers to a monai_cf (or any MONAI) trainer and its evaluator.
 
@@ -690,10 +691,19 @@ def setup_training_handlers(
             of that name.
         tracking_params: parameters to log to MLflow.
         artifacts: files or directories logged to MLflow at the end (default: the best checkpoint).
+        handlers: more handlers for the trainer (MONAI handlers, or anything with ``attach(engine)``), attached on
+            every process after resume and validation, as MONAI attaches ``train_handlers``; they are returned
+            under ``"extra"``.
 
     Returns:
         The attached handlers by role (``"loader"``, ``"saver"``, ``"best_saver"``, ``"mlflow"``...).
     """
+    extra = list(handlers or ())
+    for index, handler in enumerate(extra):
+        if not callable(getattr(handler, "attach", None)):
+            raise TypeError(
+                f"handlers[{index}] is a {type(handler).__name__}, not a handler: it has no attach(engine) method."
+            )
     handlers: dict[str, Any] = {}
     rank0 = getattr(trainer.state, "rank", 0) == 0
     if dist.is_available() and dist.is_initialized():
@@ -724,6 +734,10 @@ def setup_training_handlers(
     if evaluator is not None:
         handlers["validation"] = ValidationHandler(interval=val_interval, validator=evaluator, epoch_level=True)
         handlers["validation"].attach(trainer)
+    for handler in extra:
+        handler.attach(trainer)
+    if extra:
+        handlers["extra"] = extra
 
     if not rank0:
         return handlers

@@ -13,17 +13,20 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from monai.utils.module import locate
 from torch import nn
 
 from monai_cf.data.encoding import AttributeEncoder
 from monai_cf.graph import CausalGraph
 from monai_cf.networks.nets.diffusion import DiffusionImageMechanism
 from monai_cf.networks.nets.hvae import HVAE
+from monai_cf.networks.nets.image_mechanism import check_image_mechanism
 from monai_cf.networks.nets.mechanisms import build_mechanisms, counterfactual_all, log_prob_all, sample_all
 
 __all__ = ["DeepSCM", "build_image_model"]
@@ -81,6 +84,8 @@ class DeepSCM(nn.Module):
         self.encoder = AttributeEncoder(self.graph, value_maps=value_maps)
         if isinstance(image_model, Mapping):
             image_model = build_image_model(self.graph, image_model)
+        if not isinstance(image_model, (HVAE, DiffusionImageMechanism)):
+            check_image_mechanism(image_model)  # a user's network stands in for the HVAE: it must offer as much
         if image_model.parents_dim != self.graph.parents_dim:
             raise ValueError(
                 f"image_model.parents_dim={image_model.parents_dim} but the graph's image parents "
@@ -319,13 +324,29 @@ class DeepSCM(nn.Module):
         return result
 
 
-def build_image_model(graph: CausalGraph, config: Mapping[str, Any]) -> HVAE | DiffusionImageMechanism:
+def build_image_model(graph: CausalGraph, config: Mapping[str, Any]) -> nn.Module:
     """The image mechanism a DeepSCM config describes, its parents filled in from ``graph``.
 
-    ``config`` holds HVAE keyword arguments, ``{"preset": name, ...}`` (:meth:`HVAE.from_preset`), or
-    ``{"mechanism": "diffusion", ...}`` (:class:`DiffusionImageMechanism` keyword arguments).
+    ``config`` holds HVAE keyword arguments, ``{"preset": name, ...}`` (:meth:`HVAE.from_preset`),
+    ``{"mechanism": "diffusion", ...}`` (:class:`DiffusionImageMechanism` keyword arguments), or a bundle-style
+    ``{"_target_": "my_package.MyNetwork", ...}``: any HVAE-like network (see
+    :func:`~monai_cf.networks.nets.check_image_mechanism`), given ``parents_dim`` from the graph when it takes
+    that argument and the config does not set it.
     """
     config = dict(config)
+    if "_target_" in config:
+        target = config.pop("_target_")
+        component = locate(target) if isinstance(target, str) else target
+        if component is None:
+            raise ValueError(f"image_model._target_ '{target}' cannot be imported.")
+        if "parents_dim" not in config and "parents_dim" in inspect.signature(component).parameters:
+            config["parents_dim"] = graph.parents_dim
+        try:
+            model = component(**config)
+        except TypeError as error:
+            raise TypeError(f"image_model._target_ '{target}': {error}") from None
+        check_image_mechanism(model, f"image_model._target_ '{target}'")
+        return model
     kind = config.pop("mechanism", "hvae")
     if kind == "diffusion":
         config.setdefault("parent_dims", {name: graph[name].dim for name in graph.image_parents})

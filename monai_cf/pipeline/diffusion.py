@@ -24,6 +24,8 @@ from monai_cf.pipeline.workflow import (
     CounterfactualPipeline,
     _jsonable,
     _seeded,
+    check_stage_parts,
+    recorded_options,
 )
 
 __all__ = ["DiffusionPipeline", "DIFFUSION_FILE", "DIFFUSION_STAGES", "DEFAULT_GUIDANCE_TYPES"]
@@ -97,6 +99,7 @@ class DiffusionPipeline(CounterfactualPipeline):
             raise ValueError(
                 f"diffusion_training.{owned[0]} is set by the pipeline; remove it from diffusion_training."
             )
+        check_stage_parts("diffusion_training", self.diffusion_training)
         types = dict(DEFAULT_GUIDANCE_TYPES if guidance_types is None else guidance_types)
         if not types:
             raise ValueError("guidance_types is empty; name at least one diffusion counterfactual type.")
@@ -138,7 +141,7 @@ class DiffusionPipeline(CounterfactualPipeline):
         settings.pop("mechanisms")
         # how counterfactuals are generated (steps, batching) does not change what the model learns
         model = {k: v for k, v in self.diffusion_model_config.items() if k not in _INFERENCE_KEYS}
-        return {**settings, "diffusion_model": model, "training": dict(self.diffusion_training)}
+        return {**settings, "diffusion_model": model, "training": recorded_options(self.diffusion_training)}
 
     # ------------------------------------------------------------------------------------------------ stages
     def stage_diffusion(self) -> DeepSCM:

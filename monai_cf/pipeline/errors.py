@@ -27,7 +27,8 @@ __all__ = ["root_cause", "install_bundle_excepthook", "running_monai_bundle"]
 
 
 def root_cause(error: BaseException) -> BaseException:
-    """The innermost exception of a chain (``__cause__``, else ``__context__``).
+    """The innermost exception of a chain (``__cause__``, else ``__context__``, unless ``raise ... from None``
+    suppressed it: an error that re-raises with the key it concerns is the culprit).
 
     Example::
 
@@ -38,7 +39,7 @@ def root_cause(error: BaseException) -> BaseException:
     """
     seen = {id(error)}
     while True:
-        inner = error.__cause__ or error.__context__
+        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
         if inner is None or id(inner) in seen:
             return error
         seen.add(id(inner))

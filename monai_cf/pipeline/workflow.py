@@ -34,6 +34,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
 import torch
 import torch.distributed as dist
 from monai.data import DataLoader
@@ -49,6 +50,7 @@ from monai_cf.engines import (
     create_predictor_trainer,
     measure_nelbo,
 )
+from monai_cf.engines.optimizers import check_factory, describe_factory
 from monai_cf.engines.part_trainers import AttributeTable
 from monai_cf.engines.utils import ResumableDistributedSampler
 from monai_cf.graph import CausalGraph
@@ -61,6 +63,9 @@ __all__ = [
     "STAGES",
     "PRETRAINED_STAGES",
     "CFT_FILE",
+    "STAGE_PARTS",
+    "check_stage_parts",
+    "recorded_options",
     "load_checkpoint",
     "locate_bundle_root",
     "state_checksum",
@@ -84,7 +89,10 @@ ENGINE_IMAGE_KEY = "image"
 DEFAULT_DATA = {"train_csv": "train.csv", "val_csv": "val.csv", "test_csv": "test.csv"}
 DEFAULT_PHANTOM = {"n_train": 4000, "n_val": 300, "n_test": 500, "seed": 0}
 DEFAULT_PREDICTOR = {"backbone": "small_cnn", "max_epochs": 10, "lr": 1e-3, "batch_size": 64}
-_PREDICTOR_TRAINING_KEYS = ("max_epochs", "lr", "batch_size")
+_PREDICTOR_TRAINING_KEYS = ("max_epochs", "lr", "batch_size", "optimizer", "handlers")
+#: what every training section (predictor, mechanisms, hvae_training, cft) takes beside its own settings: an optimiser
+#: factory in place of AdamW, and more handlers for its trainer
+STAGE_PARTS = ("optimizer", "handlers")
 DEFAULT_MECHANISMS = {"max_epochs": 30, "lr": 3e-3, "batch_size": 256}
 DEFAULT_HVAE_TRAINING = {"max_epochs": 8, "lr": 1e-3}
 DEFAULT_CFT = {
@@ -183,6 +191,41 @@ class _EngineImageKey:
         return item
 
 
+def recorded_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A training section as stage settings record and compare it: an optimiser factory by its description
+    (another optimiser trains the stage again), handlers left out (they watch training; one that changes it, such as
+    early stopping, needs ``--retrain`` of its stage). Without them the record is that of the options alone."""
+    recorded = {k: v for k, v in options.items() if k not in STAGE_PARTS}
+    if options.get("optimizer") is not None:
+        recorded["optimizer"] = describe_factory(options["optimizer"])
+    return recorded
+
+
+def check_stage_parts(section: str, options: Mapping[str, Any]) -> None:
+    """Fail now, naming ``section``, when its optimiser factory or handlers cannot serve: the optimiser is built once
+    on a stand-in parameter, so that a misspelt or out-of-range setting stops the run before anything trains."""
+    factory = options.get("optimizer")
+    if factory is not None:
+        check_factory(factory, f"{section}.optimizer", "a torch optimiser from the parameters")
+        try:
+            describe_factory(factory)
+            built = factory([torch.nn.Parameter(torch.zeros(1))])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{section}.optimizer: {error}") from None
+        if not isinstance(built, torch.optim.Optimizer):
+            raise TypeError(f"{section}.optimizer built a {type(built).__name__}, not a torch.optim.Optimizer.")
+    handlers = options.get("handlers")
+    if handlers is None:
+        return
+    if isinstance(handlers, (str, Mapping)) or not isinstance(handlers, Sequence):
+        raise TypeError(f"{section}.handlers must be a list of handlers, got a {type(handlers).__name__}.")
+    for index, handler in enumerate(handlers):
+        if not callable(getattr(handler, "attach", None)):
+            raise TypeError(
+                f"{section}.handlers[{index}] is a {type(handler).__name__}, not a handler (no attach(engine) method)."
+            )
+
+
 def _cli_value(value: Any) -> Any:
     """``true`` / ``false`` / ``null`` typed on the bundle command line arrive as strings (Fire parses only the
     Python spellings ``True`` / ``False`` / ``None``): map them to the values they name."""
@@ -233,9 +276,16 @@ class CounterfactualPipeline:
         in_channels: image channels.
         batch_size: HVAE and fine-tuning batch size.
         image_model: HVAE keyword arguments, or ``{"preset": name, ...}``; size, channels and parents default to
-            the pipeline's.
+            the pipeline's. Or a user's image network: a class or ``functools.partial`` building it (a bundle's
+            ``network_def`` with ``_mode_: callable``), or its ``{"_target_": ..., ...}`` config; any ``nn.Module``
+            with the HVAE-like interface of :func:`~monai_cf.networks.nets.check_image_mechanism`, its arguments
+            plain values (the stage files record them to rebuild it), ``parents_dim`` filled in when it takes one.
         predictor: ``backbone``, ``max_epochs``, ``lr``, ``batch_size`` of both attribute predictors.
         mechanisms: ``max_epochs``, ``lr``, ``batch_size`` of the attribute mechanisms.
+            Each training section (``predictor``, ``mechanisms``, ``hvae_training``, ``cft``) also takes
+            ``optimizer``, a factory building the optimiser from the parameters in place of AdamW (a bundle
+            component with ``_mode_: callable``; recorded in the stage settings), and ``handlers``, MONAI handlers
+            attached to that stage's trainer (not recorded).
         hvae_training: :func:`~monai_cf.engines.create_hvae_trainer` arguments (``max_epochs``, ``lr``, ``beta``...).
         cft: ``modes`` (subset of none / hard / soft), ``fine_tune_none`` (``False``: ``none`` is the pretrained
             HVAE), and :func:`~monai_cf.engines.create_cft_trainer` arguments (``max_epochs``, ``lr``...).
@@ -360,8 +410,20 @@ class CounterfactualPipeline:
             names |= {"guidance", "evaluation_predictor"}
         return names - {"predictors"}
 
-    def _image_model_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+    def _image_model_config(self, config: Mapping[str, Any] | Any) -> dict[str, Any]:
+        if not isinstance(config, Mapping):
+            # a user's network, from a bundle config with `_mode_: callable`: recorded as the config that rebuilds it
+            check_factory(config, "image_model", "the image network")
+            try:
+                config = describe_factory(config)
+                json.dumps(config)
+            except (TypeError, ValueError) as error:
+                raise ValueError(
+                    f"image_model: {error} (its arguments must be plain values: numbers, text, lists)"
+                ) from None
         config = dict(config)
+        if "_target_" in config:
+            return config
         config.setdefault("parents_dim", self.graph.parents_dim)
         if "preset" not in config:
             config.setdefault("spatial_dims", self.spatial_dims)
@@ -437,11 +499,11 @@ class CounterfactualPipeline:
 
             data["phantom_version"] = PHANTOM_VERSION
         if stage in ("guidance", "evaluation_predictor"):
-            return {**common, **data, "predictor": self.predictor}
+            return {**common, **data, "predictor": recorded_options(self.predictor)}
         if stage == "mechanisms":
-            return {**common, **data, "mechanisms": self.mechanisms}
+            return {**common, **data, "mechanisms": recorded_options(self.mechanisms)}
         if stage == "hvae":
-            training = {k: v for k, v in self.hvae_training.items() if k != "progress_bar"}
+            training = {k: v for k, v in recorded_options(self.hvae_training).items() if k != "progress_bar"}
             return {
                 **common,
                 **data,
@@ -583,11 +645,14 @@ class CounterfactualPipeline:
                 f"predictor.{unknown[0]} is neither a training setting ({', '.join(_PREDICTOR_TRAINING_KEYS)}) nor an "
                 f"AttributePredictor argument ({', '.join(sorted(allowed))})."
             )
-        unknown = sorted(set(self.mechanisms) - set(DEFAULT_MECHANISMS))
+        unknown = sorted(set(self.mechanisms) - set(DEFAULT_MECHANISMS) - set(STAGE_PARTS))
         if unknown:
             raise ValueError(
-                f"mechanisms.{unknown[0]} is not a setting; mechanisms takes {', '.join(DEFAULT_MECHANISMS)}."
+                f"mechanisms.{unknown[0]} is not a setting; mechanisms takes "
+                f"{', '.join((*DEFAULT_MECHANISMS, *STAGE_PARTS))}."
             )
+        for section in ("predictor", "mechanisms", "hvae_training", "cft"):
+            check_stage_parts(section, getattr(self, section))
 
     def _handler_kwargs(self, stage: str) -> dict[str, Any]:
         return {
@@ -763,6 +828,8 @@ class CounterfactualPipeline:
                 self.models_dir / "runs" / name.removesuffix(".pt"),
                 max_epochs=int(self.predictor["max_epochs"]),
                 lr=float(self.predictor["lr"]),
+                optimizer=self.predictor.get("optimizer"),
+                handlers=self.predictor.get("handlers"),
                 device=self.device,
                 seed=self.seed + seed_offset,
                 distributed=False,
@@ -817,6 +884,8 @@ class CounterfactualPipeline:
                 self.models_dir / "runs" / "mechanisms",
                 max_epochs=int(self.mechanisms["max_epochs"]),
                 lr=float(self.mechanisms["lr"]),
+                optimizer=self.mechanisms.get("optimizer"),
+                handlers=self.mechanisms.get("handlers"),
                 device=self.device,
                 seed=self.seed,
                 distributed=False,
@@ -945,7 +1014,7 @@ class CounterfactualPipeline:
     def _cft_settings(self, mode: str) -> dict[str, Any]:
         return {
             "mode": mode,
-            "cft": self._cft_options(),
+            "cft": recorded_options(self._cft_options()),
             "counterfactual_noise": self.image_model_config.get("counterfactual_noise", "scaled"),
             "batch_size": self.batch_size,
             "seed": self.seed,
@@ -1000,8 +1069,11 @@ class CounterfactualPipeline:
             futures = {
                 pool.submit(
                     _train_job,
-                    # the job's own stage may be retrained as asked; its upstream files were made by this run
-                    dict(kwargs, retrain=sorted(self.retrain & {stage}), progress_bar=self.progress_bar and i == 0),
+                    # the job's own stage may be retrained as asked; its upstream files were made by this run. By
+                    # value (cloudpickle): a config's handlers hold lambdas, which pickle cannot send
+                    cloudpickle.dumps(
+                        dict(kwargs, retrain=sorted(self.retrain & {stage}), progress_bar=self.progress_bar and i == 0)
+                    ),
                     stage,
                     mode,
                     threads,
@@ -1155,11 +1227,13 @@ def _warn_missing_classes(graph: CausalGraph, split: str, records: Sequence[Mapp
     return missing
 
 
-def _train_job(kwargs: Mapping[str, Any], stage: str, mode: str | None, threads: int, epsilon: float | None) -> float:
-    """One side-by-side training (runs in a spawned process): rebuild the pipeline, train, write the stage file.
+def _train_job(kwargs: bytes, stage: str, mode: str | None, threads: int, epsilon: float | None) -> float:
+    """One side-by-side training (runs in a spawned process): rebuild the pipeline from its cloudpickled arguments,
+    train, write the stage file.
 
     Returns the process's peak resident memory in MB.
     """
+    kwargs = cloudpickle.loads(kwargs)
     torch.set_num_threads(threads)
     if not logging.getLogger().handlers:
         label = stage if mode is None else f"{stage} {mode}"

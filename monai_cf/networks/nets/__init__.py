@@ -14,6 +14,12 @@ from __future__ import annotations
 
 from .diffusion import GUIDANCE_MODES, AttributeSplitEmbedding, DiffusionGuidance, DiffusionImageMechanism
 from .hvae import HVAE, discretized_gaussian_log_likelihood, gaussian_kl, parse_decoder_arch, parse_encoder_arch
+from .image_mechanism import (
+    IMAGE_MECHANISM_ATTRIBUTES,
+    IMAGE_MECHANISM_METHODS,
+    check_image_mechanism,
+    is_image_mechanism,
+)
 from .mechanisms import (
     BinaryGumbelMaxMechanism,
     GumbelMaxMechanism,
