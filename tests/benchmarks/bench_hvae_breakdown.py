@@ -64,7 +64,9 @@ def _ablate(model: torch.nn.Module, variant: str) -> None:
             if isinstance(module, hvae_module.HVAEBottleneckBlock):
                 module.act = torch.nn.Identity()
     if "no-spatial-conv" in removed:
-        hvae_module._spatial_conv = lambda conv, x: x
+        from monai_cf.networks.blocks import hvae_blocks
+
+        hvae_blocks.spatial_conv = lambda conv, x: x
     if "no-noise" in removed:
         zeros: dict[tuple, torch.Tensor] = {}
 

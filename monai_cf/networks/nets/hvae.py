@@ -15,22 +15,37 @@ spatial latents ``z_1, ..., z_L`` whose prior ``p(z_i | z_<i)`` never sees the p
 exogenous noise: abducting them from an image and decoding them under new parents gives a counterfactual.
 The per-pixel noise of the discretised Gaussian likelihood is abducted as well, which makes the null
 intervention return the input image.
+
+The blocks are in :mod:`monai_cf.networks.blocks.hvae_blocks`, the likelihood and KL terms, the CPU convolution
+kernels and the bf16 detection in :mod:`monai_cf.networks.layers`; this module holds the model.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from monai.networks.layers.factories import Conv, Pool
+from monai.networks.layers.factories import Conv
 from monai.networks.layers.utils import get_act_layer
+
+from monai_cf.networks.blocks.hvae_blocks import (
+    HVAEBottleneckBlock,
+    HVAEDecoderBlock,
+    HVAEEncoder,
+    parse_decoder_arch,
+    parse_encoder_arch,
+)
+from monai_cf.networks.layers.convolution import pointwise_conv, uniform_init_
+from monai_cf.networks.layers.distributions import (
+    PosteriorSampleKL,
+    discretized_gaussian_log_likelihood,
+    gaussian_kl,
+)
+from monai_cf.networks.layers.precision import autocast_off, bf16_is_native
 
 __all__ = [
     "HVAE",
@@ -47,526 +62,6 @@ __all__ = [
 
 #: values of :attr:`HVAE.precision`.
 PRECISIONS = ("auto", "bf16", "fp32")
-
-_ENCODER_STAGE = re.compile(r"^(\d+)b(\d+)(?:d(\d+))?$")
-_DECODER_STAGE = re.compile(r"^(\d+)b(\d+)$")
-
-
-def parse_encoder_arch(arch: str | Sequence[Sequence[int]]) -> list[tuple[int, int, int]]:
-    """Parse an encoder architecture into ``(resolution, num_blocks, down_rate)`` stages.
-
-    ``"32b3d2,16b3d2,1b4"`` means three blocks at resolution 32 followed by a block that downsamples by 2,
-    then three blocks at 16 and a downsampling block, and four blocks at resolution 1. A stage without
-    ``d`` does not downsample (``down_rate`` 1). The resolution is the edge length of the square (2D) or
-    cubic (3D) feature map. A sequence of ``(resolution, num_blocks, down_rate)`` triples is accepted as is.
-
-    Raises:
-        ValueError: when a stage is malformed.
-    """
-    stages: list[tuple[int, int, int]] = []
-    items = arch.split(",") if isinstance(arch, str) else list(arch)
-    for item in items:
-        if isinstance(item, str):
-            match = _ENCODER_STAGE.match(item.strip())
-            if match is None:
-                raise ValueError(f"encoder stage {item!r} is not of the form '<res>b<blocks>[d<rate>]', e.g. '32b3d2'.")
-            res, blocks, down = int(match[1]), int(match[2]), int(match[3] or 1)
-        else:
-            values = tuple(int(v) for v in item)
-            if len(values) not in (2, 3):
-                raise ValueError(f"encoder stage {item!r} must be (resolution, num_blocks[, down_rate]).")
-            res, blocks, down = values[0], values[1], values[2] if len(values) == 3 else 1
-        if res < 1 or blocks < 0 or down < 1:
-            raise ValueError(f"encoder stage {item!r} needs resolution >= 1, blocks >= 0 and down rate >= 1.")
-        stages.append((res, blocks, down))
-    if not stages:
-        raise ValueError("encoder architecture is empty.")
-    return stages
-
-
-def parse_decoder_arch(arch: str | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-    """Parse a decoder architecture into ``(resolution, num_blocks)`` stages.
-
-    ``"1b4,4b4,8b4"`` means four decoder blocks at resolution 1, four at 4 and four at 8; the decoder
-    upsamples (nearest neighbour) whenever the resolution grows. A sequence of ``(resolution, num_blocks)``
-    pairs is accepted as is.
-
-    Raises:
-        ValueError: when a stage is malformed.
-    """
-    stages: list[tuple[int, int]] = []
-    items = arch.split(",") if isinstance(arch, str) else list(arch)
-    for item in items:
-        if isinstance(item, str):
-            match = _DECODER_STAGE.match(item.strip())
-            if match is None:
-                raise ValueError(f"decoder stage {item!r} is not of the form '<res>b<blocks>', e.g. '16b4'.")
-            res, blocks = int(match[1]), int(match[2])
-        else:
-            values = tuple(int(v) for v in item)
-            if len(values) != 2:
-                raise ValueError(f"decoder stage {item!r} must be (resolution, num_blocks).")
-            res, blocks = values
-        if res < 1 or blocks < 1:
-            raise ValueError(f"decoder stage {item!r} needs resolution >= 1 and at least one block.")
-        stages.append((res, blocks))
-    if not stages:
-        raise ValueError("decoder architecture is empty.")
-    return stages
-
-
-def gaussian_kl(
-    q_loc: torch.Tensor, q_logscale: torch.Tensor, p_loc: torch.Tensor, p_logscale: torch.Tensor
-) -> torch.Tensor:
-    """Elementwise ``KL(N(q_loc, exp(q_logscale)^2) || N(p_loc, exp(p_logscale)^2))`` in nats."""
-    log_ratio = q_logscale - p_logscale
-    scaled_diff = (q_loc - p_loc) * torch.exp(-p_logscale)
-    return 0.5 * (torch.exp(2.0 * log_ratio) + scaled_diff * scaled_diff - 1.0) - log_ratio
-
-
-def discretized_gaussian_log_likelihood(
-    x: torch.Tensor, loc: torch.Tensor, logscale: torch.Tensor, num_bins: int = 256
-) -> torch.Tensor:
-    """Elementwise log-probability of ``x`` under a Gaussian discretised into ``num_bins`` bins on ``[-1, 1]``.
-
-    Bin ``k`` covers ``x_k +- 1 / (num_bins - 1)``; the two edge bins extend to infinity. The bin mass is
-    computed on the side of the mean where the normal CDF is accurate, so tail bins do not cancel to zero.
-
-    Args:
-        x: data in ``[-1, 1]``, quantised to ``num_bins`` levels.
-        loc: Gaussian mean, broadcastable with ``x``.
-        logscale: log of the Gaussian standard deviation, broadcastable with ``x``.
-        num_bins: number of quantisation levels (256 for 8-bit images).
-    """
-    half_width = 1.0 / (num_bins - 1)
-    edge = 1.0 - 0.5 * half_width
-    inv_scale = torch.exp(-logscale)
-    centered = x - loc
-    upper = inv_scale * (centered + half_width)
-    lower = inv_scale * (centered - half_width)
-    # mass of the bin, written with the CDF of -|.| so that it stays accurate far in either tail; where it
-    # underflows, the density at the bin centre times the bin width keeps the value finite and the gradient alive
-    dist = centered.abs()
-    inner = torch.special.ndtr(inv_scale * (half_width - dist)) - torch.special.ndtr(-inv_scale * (dist + half_width))
-    log_bin_width = math.log(2 * half_width) - 0.5 * math.log(2 * math.pi)
-    log_density = -0.5 * (centered * inv_scale) ** 2 - logscale + log_bin_width
-    log_inner = torch.where(inner > 1e-6, torch.log(inner.clamp_min(1e-6)), log_density)
-    log_lowest = torch.special.log_ndtr(upper)
-    log_highest = torch.special.log_ndtr(-lower)
-    return torch.where(x < -edge, log_lowest, torch.where(x > edge, log_highest, log_inner))
-
-
-class _PosteriorSampleKL(torch.autograd.Function):
-    """Reparameterised posterior sample and the spatially summed KL to the prior, with an analytic backward.
-
-    Returns ``z = q_loc + exp(q_logscale) * noise`` (``q_loc`` when ``noise`` is ``None``) and
-    ``sum over space of gaussian_kl(q_loc, q_logscale, p_loc, p_logscale)`` per sample and channel. The same
-    numbers as autograd through :func:`gaussian_kl` with fewer passes over the latent maps and fewer autograd
-    nodes: the KL sum is assembled from four spatial reductions instead of an elementwise map, and the
-    backward writes each gradient once.
-    """
-
-    @staticmethod
-    def forward(ctx, q_loc, q_logscale, p_loc, p_logscale, noise):
-        spatial = tuple(range(2, q_loc.ndim))
-        q_scale = torch.exp(q_logscale)
-        inv_p_scale = torch.neg(p_logscale).exp_()
-        diff = torch.sub(q_loc, p_loc).mul_(inv_p_scale)
-        ratio = torch.mul(q_scale, inv_p_scale).square_()
-        # KL = 0.5 * (ratio + diff^2 - 1) - (q_logscale - p_logscale), summed term by term
-        num_positions = math.prod(q_loc.shape[2:])
-        kl_sums = (
-            0.5 * (ratio.sum(dim=spatial) + torch.linalg.vector_norm(diff, dim=spatial).square() - num_positions)
-            - q_logscale.sum(dim=spatial)
-            + p_logscale.sum(dim=spatial)
-        )
-        z = q_loc.clone() if noise is None else torch.addcmul(q_loc, q_scale, noise)
-        ctx.sampled = noise is not None
-        ctx.save_for_backward(diff, inv_p_scale, ratio, q_scale if ctx.sampled else None, noise)
-        return z, kl_sums
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_z, grad_kl):
-        diff, inv_p_scale, ratio, q_scale, noise = ctx.saved_tensors
-        grad_q_loc = grad_q_logscale = grad_p_loc = grad_p_logscale = None
-        if grad_kl is not None:
-            g = grad_kl.reshape(grad_kl.shape + (1,) * (diff.ndim - 2))
-            grad_q_loc = torch.mul(diff, inv_p_scale).mul_(g)
-            grad_p_loc = torch.neg(grad_q_loc)
-            grad_q_logscale = torch.mul(ratio, g).sub_(g)
-            grad_p_logscale = torch.square(diff).mul_(g).add_(grad_q_logscale).neg_()
-        if grad_z is not None:
-            grad_q_loc = grad_z.clone() if grad_q_loc is None else grad_q_loc.add_(grad_z)
-            if ctx.sampled:
-                noise_term = torch.mul(grad_z, noise).mul_(q_scale)
-                grad_q_logscale = noise_term if grad_q_logscale is None else grad_q_logscale.add_(noise_term)
-        return grad_q_loc, grad_q_logscale, grad_p_loc, grad_p_logscale, None
-
-
-@functools.cache
-def _cpu_has_native_bf16() -> bool:
-    is_supported = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if not torch.backends.mkldnn.is_available() or is_supported is None:
-        return False
-    return bool(is_supported() or (amx is not None and amx()))
-
-
-def bf16_is_native(device: torch.device | str) -> bool:
-    """Whether ``device`` computes bfloat16 matrix products natively (so bf16 autocast pays).
-
-    True for a CPU with AVX-512 BF16 or AMX (through oneDNN) and for a CUDA GPU with bf16 hardware
-    support (Ampere or newer); False otherwise, including for CPUs that would only emulate bf16.
-
-    Example::
-
-        bf16_is_native("cpu")  # True on e.g. AMD Zen 4 or Intel Sapphire Rapids
-    """
-    device = torch.device(device)
-    if device.type == "cpu":
-        return _cpu_has_native_bf16()
-    if device.type == "cuda" and torch.cuda.is_available():
-        try:
-            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-        except TypeError:  # older torch without the keyword
-            return bool(torch.cuda.is_bf16_supported())
-    return False
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype autocast runs matrix products in on ``x``'s device (``x``'s own dtype outside autocast)."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
-
-
-def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type in ("cpu", "cuda"):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _uniform_(tensor: torch.Tensor, fan_in: int, gain: float = 1.0) -> None:
-    """PyTorch's default conv/linear initialisation, ``U(-b, b)`` with ``b = gain / sqrt(fan_in)``."""
-    bound = gain / math.sqrt(max(fan_in, 1))
-    with torch.no_grad():
-        tensor.uniform_(-bound, bound)
-
-
-def _pointwise(conv: nn.Module, x: torch.Tensor, out_slice: slice | None = None) -> torch.Tensor:
-    """Apply a 1x1 conv as a matrix product where that is faster.
-
-    On CPU, for channels-first maps, a batched matrix product is 2-4x faster than oneDNN's 1x1 convolution
-    forward plus backward at the few-channel widths used here; on 1x1(x1) maps a plain linear layer also
-    skips the convolution's per-call overhead. Elsewhere (GPU, channels-last) the convolution is used.
-    ``out_slice`` computes only those output channels.
-    """
-    weight, bias = conv.weight, conv.bias
-    if out_slice is not None:
-        weight, bias = weight[out_slice], None if bias is None else bias[out_slice]
-    spatial = x.shape[2:]
-    if spatial.numel() == 1:
-        out = F.linear(x.flatten(1), weight.flatten(1), bias)
-        return out.view(out.shape + spatial)
-    if x.device.type != "cpu" or x.stride(-1) != 1 or not x[0, 0].is_contiguous():
-        return conv(x) if out_slice is None else conv._conv_forward(x, weight, bias)
-    batch = x.shape[0]
-    dtype = _compute_dtype(x)
-    flat = x.flatten(2).to(dtype)
-    # cast before expanding: autocast would otherwise materialise one weight copy per sample
-    weight = weight.to(dtype).flatten(1).expand(batch, -1, -1)
-    if bias is None:
-        out = torch.bmm(weight, flat)
-    else:
-        bias = bias.to(dtype)[None, :, None].expand(batch, -1, flat.shape[-1])
-        out = torch.baddbmm(bias, weight, flat)
-    return out.view((batch, out.shape[1]) + spatial)
-
-
-_CONV_FUNCTIONS = {2: F.conv2d, 3: F.conv3d}
-
-
-class _FewChannelConvFunction(torch.autograd.Function):
-    """Stride-1 "same" convolution whose input gradient is computed as a forward convolution.
-
-    The input gradient of such a convolution is the convolution of the output gradient with the flipped,
-    transposed kernel. On CPU, oneDNN's backward-data pass for convolutions with very few channels on large
-    maps is several times slower than its forward pass (23 ms vs 8 ms for 4 -> 4 channels, 3x3, 32 maps of
-    64x64, one thread), so this computes the same gradients faster. Not twice differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.padding = padding
-        ctx.has_bias = bias is not None
-        return _CONV_FUNCTIONS[x.ndim - 2](x, weight, bias, padding=padding)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
-        dims = x.ndim - 2
-        spatial = tuple(range(2, 2 + dims))
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            flipped = weight.transpose(0, 1).flip(spatial)
-            grad_x = _CONV_FUNCTIONS[dims](grad, flipped, None, padding=ctx.padding)
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.ops.aten.convolution_backward(
-                grad,
-                x,
-                weight,
-                None,
-                [1] * dims,
-                [ctx.padding] * dims,
-                [1] * dims,
-                False,
-                [0] * dims,
-                1,
-                [False, True, False],
-            )[1]
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum(dim=(0,) + spatial)
-        return grad_x, grad_weight, grad_bias, None
-
-
-def _spatial_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a kxk "same" conv, through :class:`_FewChannelConvFunction` where that is faster (see there)."""
-    if (
-        torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and conv.in_channels <= 8
-        and conv.out_channels <= 8
-        and x.shape[2:].numel() >= 1024
-    ):
-        # autocast does not reach into a custom Function: cast here, autograd casts the gradients back
-        dtype = _compute_dtype(x)
-        bias = None if conv.bias is None else conv.bias.to(dtype)
-        return _FewChannelConvFunction.apply(x.to(dtype), conv.weight.to(dtype), bias, conv.padding[0])
-    return conv(x)
-
-
-def _kernel_size_at(resolution: int) -> int:
-    # a 3x3 kernel on a map of edge <= 2 sees (almost) the whole map; a 1x1 kernel does the same job
-    return 3 if resolution > 2 else 1
-
-
-class HVAEBottleneckBlock(nn.Module):
-    """Pre-activation bottleneck block: act, 1x1 conv, act, kxk conv, act, kxk conv, act, 1x1 conv.
-
-    With ``residual=True`` the input is added back (through a 1x1 projection when the widths differ); an
-    optional average pooling by ``down_rate`` follows. ``forward`` accepts an ``extra`` tensor added after
-    the first 1x1 conv, which is how :class:`HVAE` feeds the posterior the encoder features and the parents
-    without concatenating them (a 1x1 conv of a concatenation is the sum of 1x1 convs of its parts).
-
-    Args:
-        spatial_dims: number of spatial dimensions, 2 or 3.
-        in_channels: input width.
-        mid_channels: bottleneck width.
-        out_channels: output width.
-        kernel_size: size of the two middle convolutions (3, or 1 at tiny resolutions).
-        residual: add the (projected) input to the output.
-        down_rate: average-pooling factor applied at the end (1 for none).
-        act: activation, any name or ``(name, args)`` MONAI's ``Act`` factory accepts.
-
-    Example::
-
-        block = HVAEBottleneckBlock(2, 32, 8, 64, down_rate=2)
-        y = block(torch.randn(4, 32, 16, 16))  # (4, 64, 8, 8)
-    """
-
-    def __init__(
-        self,
-        spatial_dims: int,
-        in_channels: int,
-        mid_channels: int,
-        out_channels: int,
-        kernel_size: int = 3,
-        residual: bool = True,
-        down_rate: int = 1,
-        act: str | tuple = "GELU",
-    ) -> None:
-        super().__init__()
-        conv_type = Conv[Conv.CONV, spatial_dims]
-        padding = kernel_size // 2
-        self.kernel_size = kernel_size
-        self.act = get_act_layer(act)
-        self.conv1 = conv_type(in_channels, mid_channels, 1)
-        self.conv2 = conv_type(mid_channels, mid_channels, kernel_size, padding=padding)
-        self.conv3 = conv_type(mid_channels, mid_channels, kernel_size, padding=padding)
-        self.conv4 = conv_type(mid_channels, out_channels, 1)
-        self.residual = residual
-        self.skip = conv_type(in_channels, out_channels, 1) if residual and in_channels != out_channels else None
-        self.pool = Pool[Pool.AVG, spatial_dims](kernel_size=down_rate, stride=down_rate) if down_rate > 1 else None
-
-    def forward(
-        self, x: torch.Tensor, extra: torch.Tensor | None = None, out_slice: slice | None = None
-    ) -> torch.Tensor:
-        """Apply the block.
-
-        Args:
-            x: input map.
-            extra: added after the first 1x1 conv (the shape of its output, or broadcastable to it).
-            out_slice: compute only these output channels, for a block without ``residual``; saves the last
-                conv's work when a caller needs part of the output.
-        """
-        if out_slice is not None and self.residual:
-            raise ValueError("out_slice needs a block without residual connection.")
-        out = _pointwise(self.conv1, self.act(x))
-        if extra is not None:
-            out = out + extra
-        if self.kernel_size == 1:
-            out = _pointwise(self.conv3, self.act(_pointwise(self.conv2, self.act(out))))
-        else:
-            out = _spatial_conv(self.conv3, self.act(_spatial_conv(self.conv2, self.act(out))))
-        out = _pointwise(self.conv4, self.act(out), out_slice)
-        if self.residual:
-            out = out + (x if self.skip is None else _pointwise(self.skip, x))
-        if self.pool is not None:
-            out = self.pool(out)
-        return out
-
-
-class HVAEEncoder(nn.Module):
-    """Bottom-up path of :class:`HVAE`: a stem convolution and bottleneck blocks with average-pool downsampling.
-
-    Stage ``i`` runs its blocks at width ``widths[i]``; its downsampling block changes the width to
-    ``widths[i + 1]``. The forward pass returns the last feature map at every resolution.
-
-    Args:
-        spatial_dims: number of spatial dimensions, 2 or 3.
-        in_channels: image channels.
-        stages: ``(resolution, num_blocks, down_rate)`` triples, see :func:`parse_encoder_arch`.
-        widths: one width per stage.
-        bottleneck: ratio of block width to bottleneck width.
-        act: activation for MONAI's ``Act`` factory.
-        stem_kernel_size: kernel size of the stem convolution.
-
-    Example::
-
-        encoder = HVAEEncoder(2, 1, parse_encoder_arch("16b1d2,8b1d8,1b1"), widths=(8, 16, 32), bottleneck=4)
-        features = encoder(torch.randn(2, 1, 16, 16))  # {16: (2, 8, 16, 16), 8: (2, 16, 8, 8), 1: (2, 32, 1, 1)}
-    """
-
-    def __init__(
-        self,
-        spatial_dims: int,
-        in_channels: int,
-        stages: Sequence[tuple[int, int, int]],
-        widths: Sequence[int],
-        bottleneck: int = 4,
-        act: str | tuple = "GELU",
-        stem_kernel_size: int = 7,
-    ) -> None:
-        super().__init__()
-        conv_type = Conv[Conv.CONV, spatial_dims]
-        self.stem = conv_type(in_channels, widths[0], stem_kernel_size, padding=stem_kernel_size // 2)
-        blocks: list[HVAEBottleneckBlock] = []
-        out_resolutions: list[int] = []
-        self.input_resolution = stages[0][0]
-        self.widths_at: dict[int, int] = {stages[0][0]: widths[0]}
-        for i, (res, num_blocks, down) in enumerate(stages):
-            width = widths[i]
-            for _ in range(num_blocks):
-                blocks.append(
-                    HVAEBottleneckBlock(
-                        spatial_dims, width, max(width // bottleneck, 1), width, _kernel_size_at(res), act=act
-                    )
-                )
-                out_resolutions.append(res)
-            if down > 1:
-                blocks.append(
-                    HVAEBottleneckBlock(
-                        spatial_dims,
-                        width,
-                        max(width // bottleneck, 1),
-                        widths[i + 1],
-                        _kernel_size_at(res),
-                        down_rate=down,
-                        act=act,
-                    )
-                )
-                out_resolutions.append(res // down)
-                self.widths_at[res // down] = widths[i + 1]
-        scale = math.sqrt(1.0 / max(len(blocks), 1))
-        with torch.no_grad():
-            for block in blocks:
-                block.conv4.weight.mul_(scale)
-        self.blocks = nn.ModuleList(blocks)
-        self.out_resolutions = out_resolutions
-
-    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        h = self.stem(x)
-        features = {self.input_resolution: h}
-        for block, res in zip(self.blocks, self.out_resolutions):
-            h = block(h)
-            features[res] = h
-        return features
-
-
-class HVAEDecoderBlock(nn.Module):
-    """One top-down block of :class:`HVAE`.
-
-    The prior ``p(z | z_<i)`` reads the prior stream only (never the parents) and returns the latent's
-    mean and log-scale plus features merged into the deterministic state ``h``; the posterior
-    ``q(z | h, encoder features, pa)`` reads ``h`` through ``posterior.conv1`` and gets the encoder
-    features and parents as an ``extra`` term (projected by :class:`HVAE`, shared across blocks). Then
-    ``h += prior features + proj(z) + proj(pa)``, ``h = conv(h)``, and the next prior stream is
-    ``proj(cat[z, prior features])``, independent of the parents. Blocks above ``z_max_res`` are
-    deterministic: ``z`` is the prior mean and there is no posterior.
-
-    Args:
-        spatial_dims: number of spatial dimensions, 2 or 3.
-        width: width of the block's state.
-        out_width: width handed to the next block.
-        resolution: edge length of the block's feature maps.
-        z_dim: latent channels.
-        bottleneck: ratio of block width to bottleneck width.
-        stochastic: whether the block has a posterior and a latent variable.
-        last: the last decoder block (it has no next prior stream to produce).
-        act: activation for MONAI's ``Act`` factory.
-
-    Example::
-
-        block = HVAEDecoderBlock(2, width=32, out_width=16, resolution=8, z_dim=4)
-        p = block.prior(torch.randn(2, 32, 8, 8))  # (2, 2 * 4 + 32, 8, 8): loc, logscale, features
-    """
-
-    def __init__(
-        self,
-        spatial_dims: int,
-        width: int,
-        out_width: int,
-        resolution: int,
-        z_dim: int,
-        bottleneck: int = 4,
-        stochastic: bool = True,
-        last: bool = False,
-        act: str | tuple = "GELU",
-    ) -> None:
-        super().__init__()
-        conv_type = Conv[Conv.CONV, spatial_dims]
-        mid = max(width // bottleneck, 1)
-        kernel_size = _kernel_size_at(resolution)
-        self.width, self.out_width, self.resolution, self.z_dim = width, out_width, resolution, z_dim
-        self.mid_channels = mid
-        self.stochastic, self.last = stochastic, last
-        prior_stats = 2 * z_dim if stochastic else z_dim
-        self.prior = HVAEBottleneckBlock(
-            spatial_dims, width, mid, prior_stats + width, kernel_size, residual=False, act=act
-        )
-        self.posterior = (
-            HVAEBottleneckBlock(spatial_dims, width, mid, 2 * z_dim, kernel_size, residual=False, act=act)
-            if stochastic
-            else None
-        )
-        # one conv of z feeds both the state update and (except in the last block) the next prior stream
-        self.z_proj = conv_type(z_dim, width + (0 if last else out_width), 1)
-        self.feature_proj = None if last else conv_type(width, out_width, 1, bias=False)
-        self.conv = HVAEBottleneckBlock(spatial_dims, width, mid, out_width, kernel_size, residual=True, act=act)
 
 
 class HVAE(nn.Module):
@@ -905,17 +400,17 @@ class HVAE(nn.Module):
                 block.prior.conv4.bias.zero_()
                 w = block.width
                 # state update: a 1x1 conv of cat[z, pa]
-                _uniform_(block.z_proj.weight[:w], block.z_dim + pa_dim, scale)
-                _uniform_(block.z_proj.bias[:w], block.z_dim + pa_dim)
+                uniform_init_(block.z_proj.weight[:w], block.z_dim + pa_dim, scale)
+                uniform_init_(block.z_proj.bias[:w], block.z_dim + pa_dim)
                 if not block.last:
                     # next prior stream: a 1x1 conv of cat[z, prior features]
-                    _uniform_(block.z_proj.weight[w:], block.z_dim + w)
-                    _uniform_(block.z_proj.bias[w:], block.z_dim + w)
-                    _uniform_(block.feature_proj.weight, block.z_dim + w)
+                    uniform_init_(block.z_proj.weight[w:], block.z_dim + w)
+                    uniform_init_(block.z_proj.bias[w:], block.z_dim + w)
+                    uniform_init_(block.feature_proj.weight, block.z_dim + w)
                 if block.posterior is not None:
                     # posterior: a 1x1 conv of cat[h, encoder features, pa]
-                    _uniform_(block.posterior.conv1.weight, posterior_fan_in[id(block)])
-                    _uniform_(block.posterior.conv1.bias, posterior_fan_in[id(block)])
+                    uniform_init_(block.posterior.conv1.weight, posterior_fan_in[id(block)])
+                    uniform_init_(block.posterior.conv1.bias, posterior_fan_in[id(block)])
             # fused projections: rows laid out resolution by resolution, blocks in order within one
             parents_row = 0
             for res in self._posterior_mid_splits:
@@ -925,16 +420,16 @@ class HVAE(nn.Module):
                     if block.posterior is None or block.resolution != res:
                         continue
                     rows = slice(feature_row, feature_row + block.mid_channels)
-                    _uniform_(weight[rows], posterior_fan_in[id(block)])
+                    uniform_init_(weight[rows], posterior_fan_in[id(block)])
                     feature_row += block.mid_channels
                     if self.posterior_parents_proj is not None:
                         rows = slice(parents_row, parents_row + block.mid_channels)
-                        _uniform_(self.posterior_parents_proj.weight[rows], posterior_fan_in[id(block)])
+                        uniform_init_(self.posterior_parents_proj.weight[rows], posterior_fan_in[id(block)])
                         parents_row += block.mid_channels
             if self.state_parents_proj is not None:
                 row = 0
                 for block in blocks:
-                    _uniform_(self.state_parents_proj.weight[row : row + block.width], block.z_dim + pa_dim, scale)
+                    uniform_init_(self.state_parents_proj.weight[row : row + block.width], block.z_dim + pa_dim, scale)
                     row += block.width
 
     def _count_macs_per_image(self) -> int:
@@ -987,7 +482,7 @@ class HVAE(nn.Module):
         if device_type not in ("cpu", "cuda"):
             return contextlib.nullcontext()
         if self._precision == "fp32":
-            return _autocast_off(device)
+            return autocast_off(device)
         if self._precision == "bf16" or (
             not torch.is_autocast_enabled(device_type)
             and bf16_is_native(device)
@@ -1067,7 +562,7 @@ class HVAE(nn.Module):
     # ----------------------------------------------------------------------------------------- core passes
     def _likelihood_params(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # float32 whatever the precision: bf16 spacing near 1 (2^-7) equals the 8-bit bin width on [-1, 1]
-        with _autocast_off(h.device):
+        with autocast_off(h.device):
             out = self.likelihood_head(h.to(self.likelihood_head.weight.dtype))
         loc, logscale = out.chunk(2, dim=1)
         return loc, logscale.clamp_min(self.min_logscale)
@@ -1130,7 +625,9 @@ class HVAE(nn.Module):
             pa_post = None if pa_factual is None else self.posterior_parents_proj(self.act(pa_factual))
             offset = 0
             for res, mids in self._posterior_mid_splits.items():
-                parts = _pointwise(self.posterior_feature_proj[str(res)], self.act(features[res])).split(mids, dim=1)
+                parts = pointwise_conv(self.posterior_feature_proj[str(res)], self.act(features[res])).split(
+                    mids, dim=1
+                )
                 parts = list(parts)
                 if pa_post is not None:
                     pa_parts = pa_post[:, offset : offset + sum(mids)].split(mids, dim=1)
@@ -1166,7 +663,7 @@ class HVAE(nn.Module):
                     q_loc, q_logscale = q_stats.chunk(2, dim=1)
                     if want_kl:
                         noise = None if posterior_mean else torch.randn_like(q_loc)
-                        z, kl_sums = _PosteriorSampleKL.apply(
+                        z, kl_sums = PosteriorSampleKL.apply(
                             q_loc, q_logscale, p_loc.float(), p_logscale.float(), noise
                         )
                         kls.append(kl_sums)
@@ -1183,9 +680,9 @@ class HVAE(nn.Module):
                     zs.append(z)
                 latent_index += 1
             if block.last:
-                z_state, z_next = _pointwise(block.z_proj, z), None
+                z_state, z_next = pointwise_conv(block.z_proj, z), None
             else:
-                z_state, z_next = _pointwise(block.z_proj, z).split([block.width, block.out_width], dim=1)
+                z_state, z_next = pointwise_conv(block.z_proj, z).split([block.width, block.out_width], dim=1)
             shared = p_features + z_state
             if branches == 1:
                 h = h + shared
@@ -1195,7 +692,7 @@ class HVAE(nn.Module):
                 h = h + state_pa[i]
             h = block.conv(h)
             if z_next is not None:
-                z_stream = z_next + _pointwise(block.feature_proj, p_features)
+                z_stream = z_next + pointwise_conv(block.feature_proj, p_features)
         return h, kls, zs
 
     @staticmethod

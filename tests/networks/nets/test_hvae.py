@@ -17,8 +17,6 @@ import torch
 
 from monai_cf.networks import HVAE
 from monai_cf.networks.nets import (
-    discretized_gaussian_log_likelihood,
-    gaussian_kl,
     parse_decoder_arch,
     parse_encoder_arch,
 )
@@ -226,46 +224,6 @@ def test_free_bits():
     assert torch.allclose(big["nll"], plain["nll"])
 
 
-@pytest.mark.parametrize("spatial_dims, size", [(2, 32), (3, 12)])
-def test_fast_cpu_kernels_match_convolution(spatial_dims, size):
-    from monai_cf.networks.nets.hvae import _pointwise, _spatial_conv
-
-    torch.manual_seed(9)
-    conv_type = torch.nn.Conv2d if spatial_dims == 2 else torch.nn.Conv3d
-    for conv, fast in [(conv_type(4, 3, 3, padding=1), _spatial_conv), (conv_type(6, 5, 1), _pointwise)]:
-        conv = conv.double()
-        x = torch.randn((2, conv.in_channels) + (size,) * spatial_dims, dtype=torch.double, requires_grad=True)
-        grad = torch.randn((2, conv.out_channels) + (size,) * spatial_dims, dtype=torch.double)
-        params = (x, conv.weight, conv.bias)
-        expected = conv(x)
-        got = fast(conv, x)
-        assert torch.allclose(got, expected, atol=1e-10)
-        for a, b in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(expected, params, grad)):
-            assert torch.allclose(a, b, atol=1e-10)
-
-
-def test_discretized_likelihood_normalises():
-    bins = torch.linspace(-1, 1, 256)
-    for loc, logscale in [(0.0, -1.0), (0.9, -3.0), (-0.99, -6.0), (0.3, 1.0), (2.0, -2.0)]:
-        logp = discretized_gaussian_log_likelihood(bins, torch.tensor(loc), torch.tensor(logscale))
-        assert abs(logp.exp().sum().item() - 1.0) < 1e-4, (loc, logscale)
-    # a sharp Gaussian on a bin centre puts all its mass there
-    logp = discretized_gaussian_log_likelihood(bins[100], bins[100], torch.tensor(-9.0))
-    assert abs(logp.item()) < 1e-5
-    # far tail bins stay finite (no cancellation to log(0))
-    logp = discretized_gaussian_log_likelihood(torch.tensor(0.5), torch.tensor(-0.5), torch.tensor(-2.0))
-    assert torch.isfinite(logp) and logp > -60
-
-
-def test_gaussian_kl_matches_torch():
-    gen = torch.Generator().manual_seed(7)
-    q_loc, q_ls, p_loc, p_ls = (torch.randn(50, generator=gen) for _ in range(4))
-    expected = torch.distributions.kl_divergence(
-        torch.distributions.Normal(q_loc, q_ls.exp()), torch.distributions.Normal(p_loc, p_ls.exp())
-    )
-    assert torch.allclose(gaussian_kl(q_loc, q_ls, p_loc, p_ls), expected, atol=1e-5)
-
-
 def test_presets_and_architecture_parsing():
     assert parse_encoder_arch("32b3d2,16b3d2,1b4") == [(32, 3, 2), (16, 3, 2), (1, 4, 1)]
     assert parse_decoder_arch([(1, 2), (4, 3)]) == [(1, 2), (4, 3)]
@@ -426,28 +384,6 @@ def test_macs_per_image_counts_every_convolution():
     assert model.macs_per_image + parents_macs == counter.get_total_flops() // 2 // 2
     assert HVAE.from_preset("mimic192").macs_per_image >= HVAE.AUTO_BF16_MIN_MACS
     assert HVAE.from_preset("morphomnist").macs_per_image < HVAE.AUTO_BF16_MIN_MACS
-
-
-@pytest.mark.parametrize("sampled", [True, False])
-def test_fused_posterior_sample_and_kl_match_autograd(sampled):
-    from monai_cf.networks.nets.hvae import _PosteriorSampleKL
-
-    gen = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(3, 4, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(4)]
-    noise = torch.randn(3, 4, 5, 5, generator=gen, dtype=torch.float64) if sampled else None
-    grad_z = torch.randn(3, 4, 5, 5, generator=gen, dtype=torch.float64)
-    grad_kl = torch.randn(3, 4, generator=gen, dtype=torch.float64)
-
-    z, kl_sums = _PosteriorSampleKL.apply(*inputs, noise)
-    fused_grads = torch.autograd.grad((z * grad_z).sum() + (kl_sums * grad_kl).sum(), inputs)
-
-    q_loc, q_logscale = inputs[:2]
-    z_ref = q_loc + torch.exp(q_logscale) * noise if sampled else q_loc
-    kl_ref = gaussian_kl(*inputs).sum(dim=(2, 3))
-    ref_grads = torch.autograd.grad((z_ref * grad_z).sum() + (kl_ref * grad_kl).sum(), inputs)
-    assert torch.allclose(z, z_ref) and torch.allclose(kl_sums, kl_ref)
-    for fused, ref in zip(fused_grads, ref_grads):
-        assert torch.allclose(fused, ref)
 
 
 def test_prior_statistics_are_skipped_without_changing_the_decoder():
