@@ -59,10 +59,11 @@ def plot_counterfactual_grid(
     counterfactuals: Mapping[str, torch.Tensor | np.ndarray],
     panel_titles: Mapping[str, Sequence[str]] | None = None,
     row_labels: Sequence[str] | None = None,
-    diff_limit: float | None = None,
+    diff_limit: float | Mapping[str, float] | None = None,
     title: str | None = None,
     image_range: tuple[float, float] = (0.0, 1.0),
     dpi: int = 110,
+    differences: bool = True,
 ) -> Path:
     """Save a PNG grid: per patient, a row of ``x`` and its counterfactuals, then a row of ``x* - x``.
 
@@ -73,10 +74,12 @@ def plot_counterfactual_grid(
         panel_titles: optional per-column titles of each patient's panel, e.g. ``{"do(sex)": ["do(sex=F)", ...]}``.
         row_labels: optional description of each patient, shown above its factual image.
         diff_limit: the colour-map limit ``L`` of the difference maps, ``[-L, L]``; default: the largest
-            absolute difference in the figure. Give the same value to figures that are to be compared.
+            absolute difference in the figure. Give the same value to figures that are to be compared, or
+            ``{column label: L}`` for a limit per column (a subtle effect beside a strong one).
         title: figure title.
         image_range: display range of the images.
         dpi: resolution.
+        differences: draw the rows of difference maps.
 
     Returns:
         The written path.
@@ -96,30 +99,49 @@ def plot_counterfactual_grid(
     diffs = {label: value - factual for label, value in columns.items()}
     if diff_limit is None:
         diff_limit = max([float(np.abs(d).max()) for d in diffs.values()] + [1e-3])
-    fig = Figure(figsize=(1.7 * (1 + len(names)) + 0.6, 1.8 * 2 * n + (0.5 if title else 0.1)))
-    axes = fig.subplots(2 * n, 1 + len(names), squeeze=False)
+    if isinstance(diff_limit, Mapping):
+        missing = [label for label in names if label not in diff_limit]
+        if missing:
+            raise ValueError(f"diff_limit has no limit for the columns {missing}.")
+        limits = {label: float(diff_limit[label]) for label in names}
+    else:
+        limits = dict.fromkeys(names, float(diff_limit))
+    rows = 2 if differences else 1
+    fig = Figure(figsize=(1.7 * (1 + len(names)) + 0.6, 1.8 * rows * n + (0.5 if title else 0.1)))
+    axes = fig.subplots(rows * n, 1 + len(names), squeeze=False)
     low, high = image_range
     mappable = None
+    shared_limit = len(set(limits.values())) == 1
     for i in range(n):
-        top, bottom = axes[2 * i], axes[2 * i + 1]
+        top = axes[rows * i]
         top[0].imshow(factual[i], cmap="gray", vmin=low, vmax=high, interpolation="nearest")
         top[0].set_title(row_labels[i] if row_labels is not None else "x", fontsize=7)
-        bottom[0].text(0.5, 0.5, "x* - x", ha="center", va="center", fontsize=8, transform=bottom[0].transAxes)
         for col, label in enumerate(names, start=1):
             top[col].imshow(columns[label][i], cmap="gray", vmin=low, vmax=high, interpolation="nearest")
             titles = (panel_titles or {}).get(label)
             top[col].set_title(titles[i] if titles is not None else label, fontsize=7)
+        for ax in top:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if not differences:
+            continue
+        bottom = axes[rows * i + 1]
+        bottom[0].text(0.5, 0.5, "x* - x", ha="center", va="center", fontsize=8, transform=bottom[0].transAxes)
+        for col, label in enumerate(names, start=1):
+            limit = limits[label]
             mappable = bottom[col].imshow(
-                diffs[label][i], cmap="RdBu_r", vmin=-diff_limit, vmax=diff_limit, interpolation="nearest"
+                diffs[label][i], cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest"
             )
-        for ax in (*top, *bottom):
+            if not shared_limit:
+                bottom[col].set_title(f"±{limit:.2f}", fontsize=6)
+        for ax in bottom:
             ax.set_xticks([])
             ax.set_yticks([])
         bottom[0].axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0.0, 0.0, 0.93, 1.0))
-    if mappable is not None:
+    if mappable is not None and shared_limit:
         bar = fig.add_axes((0.94, 0.3, 0.015, 0.4))
         fig.colorbar(mappable, cax=bar).ax.tick_params(labelsize=6)
     return _save(fig, path, dpi)

@@ -10,6 +10,8 @@
 # limitations under the License.
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -57,6 +59,32 @@ def test_counterfactual_grid_accepts_volumes_and_checks_shapes(tmp_path):
         plot_counterfactual_grid(tmp_path / "bad.png", volume, {"do(a)": volume[..., :6]})
     with pytest.raises(ValueError, match="Images must be"):
         plot_counterfactual_grid(tmp_path / "bad.png", torch.rand(12, 12), {})
+
+
+def test_counterfactual_grid_limits_per_column_and_without_differences(tmp_path):
+    x = torch.full((1, 1, 16, 16), 0.5)
+    faint, strong = x + 0.02, x + 0.4
+    path = plot_counterfactual_grid(
+        tmp_path / "per_column.png", x, {"faint": faint, "strong": strong}, diff_limit={"faint": 0.02, "strong": 0.4}
+    )
+
+    def red_per_column(png: Path) -> tuple[int, int]:
+        pixels = _read_png(png).astype(int)
+        red = pixels[..., 0] - pixels[..., 2] > 60
+        third = int(pixels.shape[1] * 0.93) // 3  # the figure keeps its right 7% for a colour bar
+        return int(red[:, third : 2 * third].sum()), int(red[:, 2 * third : 3 * third].sum())
+
+    # each difference map saturates on its own scale: the faint edit shows as strongly as the strong one, where
+    # one shared scale leaves it nearly white
+    faint_red, strong_red = red_per_column(path)
+    assert faint_red > 0.7 * strong_red > 0
+    shared = plot_counterfactual_grid(tmp_path / "shared.png", x, {"faint": faint, "strong": strong}, diff_limit=0.4)
+    faint_shared, strong_shared = red_per_column(shared)
+    assert faint_shared < 0.1 * strong_shared
+    with pytest.raises(ValueError, match=r"no limit for the columns \['strong'\]"):
+        plot_counterfactual_grid(tmp_path / "bad.png", x, {"faint": faint, "strong": strong}, diff_limit={"faint": 1.0})
+    images_only = _read_png(plot_counterfactual_grid(tmp_path / "plain.png", x, {"a": faint}, differences=False))
+    assert images_only.shape[0] < images_only.shape[1]  # one row of images, no difference row
 
 
 def test_embedding_modes_plot(tmp_path):

@@ -720,16 +720,16 @@ def _render_chunk(attrs: Mapping[str, np.ndarray], noise: Mapping[str, np.ndarra
     return image.clamp_(0.0, 1.0).mul_(255.0).round_().div_(255.0).numpy()
 
 
-# ---------------------------------------------------------------------- the grid figure and the CLI
+# ---------------------------------------------------------------------- the grid figure
 def save_counterfactual_grid(
     out: str | os.PathLike, n: int = 6, spatial_size: int = 128, seed: int = 0, diff: bool = True
 ) -> Path:
-    """Save a PNG grid: one row per patient, the factual image and its true counterfactuals.
-
-    Columns: factual, do(sex) flipped, do(age) +/- 30 years, do(disease) flipped, do(race) -> next class,
-    each counterfactual followed by its difference map ``x* - x`` when ``diff`` is true.
+    """Save a PNG grid (:func:`monai_cf.visualize.plot_counterfactual_grid`): per patient, the factual image and
+    its true counterfactuals under do(sex) flipped, do(age) +/- 30 years, do(disease) flipped and do(race) -> the
+    next class, with a row of difference maps ``x* - x`` when ``diff`` is true, each column on its own colour
+    scale so that the subtle race cue shows beside the strong sex and disease edits.
     """
-    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays untouched
+    from monai_cf.visualize import plot_counterfactual_grid
 
     phantom = SyntheticCXR(spatial_size=spatial_size, seed=seed)
     enc = phantom.encoder
@@ -741,41 +741,39 @@ def save_counterfactual_grid(
         dis = short[enc.class_name("disease", s["disease"])]
         return f"{sex}, {enc.class_name('race', s['race'])}, {s['age']:.0f}y, {dis}"
 
-    columns = 1 + 4 * (2 if diff else 1)
-    fig = Figure(figsize=(1.9 * columns, 2.1 * n))
-    axes = fig.subplots(n, columns, squeeze=False)
-    for row, s in enumerate(samples):
-        interventions = [
-            ("sex", {"sex": 1 - s["sex"]}),
-            ("age", {"age": s["age"] + 30.0 if s["age"] < 60.0 else s["age"] - 30.0}),
-            ("disease", {"disease": 1 - s["disease"]}),
-            ("race", {"race": (s["race"] + 1) % 3}),
-        ]
-        panels = [(s["image"][0], describe(s), "gray", (0.0, 1.0))]
-        for name, do in interventions:
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in ("sex", "age", "disease", "race")}
+    titles: dict[str, list[str]] = {name: [] for name in columns}
+    for s in samples:
+        interventions = {
+            "sex": {"sex": 1 - s["sex"]},
+            "age": {"age": s["age"] + 30.0 if s["age"] < 60.0 else s["age"] - 30.0},
+            "disease": {"disease": 1 - s["disease"]},
+            "race": {"race": (s["race"] + 1) % 3},
+        }
+        for name, do in interventions.items():
             cf = phantom.counterfactual(s, do=do)
             label = f"do({name}={enc.to_original(name, cf[name]):.0f})" if name == "age" else None
             label = label or f"do({name}={enc.class_name(name, cf[name])})"
             if name == "age" and cf["disease"] != s["disease"]:
                 label += "\n(disease flips)"
-            panels.append((cf["image"][0], label, "gray", (0.0, 1.0)))
-            if diff:
-                delta = cf["image"][0] - s["image"][0]
-                limit = max(float(np.abs(delta).max()), 0.02)  # per panel, so the subtle race cue shows too
-                panels.append((delta, f"x* - x ({name}), ±{limit:.2f}", "seismic", (-limit, limit)))
-        for col, (image, title, cmap, (low, high)) in enumerate(panels):
-            ax = axes[row, col]
-            ax.imshow(image, cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
-            ax.set_title(title, fontsize=7)
-            ax.axis("off")
-    fig.suptitle(f"SyntheticCXR v{PHANTOM_VERSION}: factual and ground-truth counterfactuals ({spatial_size}px)")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+            columns[name].append(cf["image"])
+            titles[name].append(label)
+    factual = np.stack([s["image"] for s in samples])
+    stacked = {f"do({name})": np.stack(images) for name, images in columns.items()}
+    limits = {label: max(float(np.abs(images - factual).max()), 0.02) for label, images in stacked.items()}
+    return plot_counterfactual_grid(
+        out,
+        factual,
+        stacked,
+        panel_titles={f"do({name})": value for name, value in titles.items()},
+        row_labels=[describe(s) for s in samples],
+        diff_limit=limits,
+        title=f"SyntheticCXR v{PHANTOM_VERSION}: factual and ground-truth counterfactuals ({spatial_size}px)",
+        differences=diff,
+    )
 
 
+# ---------------------------------------------------------------------- the command line
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: ``write`` a dataset or draw a counterfactual ``grid``."""
     parser = argparse.ArgumentParser(prog="python -m monai_cf.data.phantom", description=__doc__.split("\n")[0])

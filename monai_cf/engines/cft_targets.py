@@ -12,7 +12,8 @@
 
 - :func:`sample_interventions`: one random image parent per sample, its value taken from another sample;
 - :func:`cft_targets`: the predictor targets for the counterfactual images, hard or soft;
-- :class:`DampedLagrangian`: the constraint that keeps the nELBO near its value before fine-tuning.
+- :class:`~monai_cf.losses.DampedLagrangian` (in ``losses``): the constraint that keeps the nELBO near its value
+  before fine-tuning.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from monai_cf.graph import CausalGraph
+from monai_cf.losses.lagrangian import DampedLagrangian
 
 __all__ = [
     "CFT_MODES",
@@ -229,42 +231,3 @@ def cft_targets(
         mask = affected[name].reshape(-1, 1)
         targets[name] = torch.where(mask, changed, unintervened)
     return targets
-
-
-class DampedLagrangian(nn.Module):
-    """A damped Lagrange multiplier for ``min L_pred`` subject to ``nELBO <= epsilon``.
-
-    ``loss = L_pred - (lambda - damping * sg(epsilon - nELBO)) * (epsilon - nELBO)``, with ``lambda >= 0``
-    learned by gradient *ascent* (use an optimizer with ``maximize=True`` on :attr:`multiplier`, then call
-    :meth:`clamp_`). The damping term makes the saddle point stable: it adds a restoring force proportional
-    to the violation without waiting for the multiplier to grow.
-
-    Args:
-        epsilon: the nELBO the fine-tuned model must stay at or below (its value before fine-tuning).
-        damping: the damping coefficient.
-        initial: the multiplier's starting value.
-
-    Example::
-
-        lagrangian = DampedLagrangian(epsilon=pre_cft_nelbo, damping=10.0)
-        lagrange_opt = torch.optim.AdamW(lagrangian.parameters(), lr=0.1, maximize=True)
-        loss = lagrangian(predictor_loss, nelbo)
-        loss.backward(); optimizer.step(); lagrange_opt.step(); lagrangian.clamp_()
-    """
-
-    def __init__(self, epsilon: float, damping: float = 10.0, initial: float = 0.0) -> None:
-        super().__init__()
-        if damping < 0 or initial < 0:
-            raise ValueError(f"damping and initial must be >= 0, got {damping} and {initial}.")
-        self.register_buffer("epsilon", torch.tensor(float(epsilon)))
-        self.damping = float(damping)
-        self.multiplier = nn.Parameter(torch.tensor(float(initial)))
-
-    def forward(self, predictor_loss: torch.Tensor, nelbo: torch.Tensor) -> torch.Tensor:
-        slack = self.epsilon - nelbo
-        return predictor_loss - (self.multiplier - self.damping * slack.detach()) * slack
-
-    @torch.no_grad()
-    def clamp_(self) -> None:
-        """Project the multiplier back onto ``lambda >= 0`` after its optimizer step."""
-        self.multiplier.clamp_(min=0.0)

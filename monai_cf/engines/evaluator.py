@@ -42,6 +42,7 @@ from monai_cf.data.encoding import AttributeEncoder
 from monai_cf.engines.runtime import tune_cpu_allocator
 from monai_cf.graph import AttributeKind, CausalGraph
 from monai_cf.handlers.report import CounterfactualReportWriter, flatten_results
+from monai_cf.losses import AttributeLoss
 from monai_cf.metrics import (
     EmbeddingPCA,
     amplification,
@@ -60,7 +61,7 @@ from monai_cf.metrics import (
     subgroup_shift,
     truth_gain,
 )
-from monai_cf.networks.nets.predictor import AttributeLoss, AttributePredictor
+from monai_cf.networks.nets.predictor import AttributePredictor
 from monai_cf.networks.scm import DeepSCM
 
 __all__ = ["CounterfactualEvaluator", "train_attribute_predictor"]

@@ -50,9 +50,10 @@ from monai_cf.engines.utils import (
 )
 from monai_cf.graph import AttributeKind, CausalGraph
 from monai_cf.handlers.ema import unwrap_module
+from monai_cf.losses import AttributeLoss, MechanismNLLLoss
 from monai_cf.metrics import roc_auc
 from monai_cf.networks.nets.mechanisms import log_prob_all
-from monai_cf.networks.nets.predictor import AttributeLoss, AttributePredictor
+from monai_cf.networks.nets.predictor import AttributePredictor
 from monai_cf.networks.scm import DeepSCM
 
 if TYPE_CHECKING:
@@ -237,16 +238,6 @@ class MechanismLikelihood(nn.Module):
 
     def forward(self, encoded: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return log_prob_all(self.mechanisms, self.graph, encoded)
-
-
-class MechanismNLLLoss(nn.Module):
-    """``-sum_a log p(a | pa(a))`` averaged over the batch: the mechanisms' maximum-likelihood objective.
-
-    Takes the output of :class:`MechanismLikelihood`; the second argument (the engine's targets) is ignored.
-    """
-
-    def forward(self, log_probs: Mapping[str, torch.Tensor], target: Any = None) -> torch.Tensor:
-        return -torch.stack([lp.reshape(-1) for lp in log_probs.values()]).sum(0).mean()
 
 
 class AttributeTable(Dataset):

@@ -75,6 +75,7 @@ __all__ = [
     "MeanMetric",
     "OutputSummary",
     "is_distributed",
+    "process_rank",
     "lower_is_better",
     "setup_training_handlers",
 ]
@@ -399,7 +400,12 @@ def derive_seed(*values: int) -> int:
     return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1)[0])
 
 
-def _rank() -> int:
+def process_rank() -> int:
+    """This process's rank in a running ``torch.distributed`` group, 0 outside one.
+
+    ``torch.distributed`` rather than ``ignite.distributed``: ignite's first rank query creates a process group, a
+    collective call that must not happen on one rank only.
+    """
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
@@ -425,7 +431,7 @@ class IterationSeeder:
         engine.add_event_handler(Events.ITERATION_STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        torch.manual_seed(derive_seed(self.seed, _rank(), engine.state.iteration))
+        torch.manual_seed(derive_seed(self.seed, process_rank(), engine.state.iteration))
 
 
 class ResumableDistributedSampler(DistributedSampler):

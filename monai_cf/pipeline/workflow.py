@@ -52,7 +52,7 @@ from monai_cf.engines import (
 )
 from monai_cf.engines.optimizers import check_factory, describe_factory
 from monai_cf.engines.part_trainers import AttributeTable
-from monai_cf.engines.utils import ResumableDistributedSampler
+from monai_cf.engines.utils import ResumableDistributedSampler, process_rank
 from monai_cf.graph import CausalGraph
 from monai_cf.handlers.tracking import BEST_CHECKPOINT, check_tracking_uri
 from monai_cf.networks import DeepSCM
@@ -148,10 +148,6 @@ def state_checksum(state_dict: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 @contextlib.contextmanager
@@ -534,7 +530,7 @@ class CounterfactualPipeline:
             if stage in wanted:
                 getattr(self, f"stage_{stage}")()
         self.timing["total"] = time.time() - start
-        if _rank() == 0:
+        if process_rank() == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / "timing.json", "w") as handle:
                 memory = {"peak_memory_mb": self.peak_memory_mb}
@@ -559,7 +555,7 @@ class CounterfactualPipeline:
         self._timed("data", self._prepare_data)
 
     def _prepare_data(self) -> None:
-        if self.phantom is not None and _rank() == 0:
+        if self.phantom is not None and process_rank() == 0:
             self._write_phantom()
         _barrier()
         if not self._datasets:
@@ -656,7 +652,7 @@ class CounterfactualPipeline:
 
     def _handler_kwargs(self, stage: str) -> dict[str, Any]:
         return {
-            "progress_bar": self.progress_bar and _rank() == 0,
+            "progress_bar": self.progress_bar and process_rank() == 0,
             "stats": False,
             "tracking_uri": self.tracking_uri,
             "experiment_name": self.experiment_name,
@@ -667,7 +663,7 @@ class CounterfactualPipeline:
     def _save(self, name: str, state_dict: Mapping[str, Any], settings: Mapping, extra: Mapping | None = None) -> str:
         """Write a stage file on rank 0; every rank returns the id rank 0 wrote."""
         uid = uuid.uuid4().hex
-        if _rank() == 0:
+        if process_rank() == 0:
             self.models_dir.mkdir(parents=True, exist_ok=True)
             path = self.models_dir / name
             tmp = path.with_suffix(".tmp")
@@ -682,14 +678,14 @@ class CounterfactualPipeline:
             torch.save(payload, tmp)
             os.replace(tmp, path)
         _barrier()
-        return uid if _rank() == 0 else load_checkpoint(self.models_dir / name)["uid"]
+        return uid if process_rank() == 0 else load_checkpoint(self.models_dir / name)["uid"]
 
     def _reusable(self, stage: str, name: str, settings: Mapping) -> dict[str, Any] | None:
         """The stage file when it can be reused, ``None`` when the stage must (re)train."""
         path = self.models_dir / name
         run_dir = self.models_dir / "runs" / name.removesuffix(".pt")
         if stage in self.retrain:
-            if _rank() == 0:
+            if process_rank() == 0:
                 if path.exists():
                     logger.info("Retraining %s: replacing %s", stage, path)
                     path.unlink()
@@ -735,7 +731,7 @@ class CounterfactualPipeline:
             if problem:
                 logger.warning("Not using the shipped %s (%s): it trains from scratch.", source, problem)
                 continue
-            if _rank() == 0:
+            if process_rank() == 0:
                 self.models_dir.mkdir(parents=True, exist_ok=True)
                 partial = target.with_suffix(".tmp")
                 shutil.copyfile(source, partial)
@@ -787,7 +783,7 @@ class CounterfactualPipeline:
             "seconds": {k: round(v, 1) for k, v in base.timing.items()},
             "threads": torch.get_num_threads(),
         }
-        if _rank() == 0:
+        if process_rank() == 0:
             with open(self.pretrained_dir / "manifest.json", "w") as handle:
                 json.dump(manifest, handle, indent=2)
         return manifest
@@ -804,7 +800,7 @@ class CounterfactualPipeline:
                     f"'{run_dir}' holds an interrupted run with other settings ({'; '.join(diff[:6])}); pass --retrain "
                     "for this stage to start it afresh."
                 )
-        elif _rank() == 0:
+        elif process_rank() == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             # written whole, then renamed: the other ranks check the same file and must never read half of it
             partial = settings_file.with_suffix(".tmp")
@@ -1100,7 +1096,7 @@ class CounterfactualPipeline:
             upstream = {k: old.get(k) for k in ("hvae", "guidance")}
             if upstream != {k: settings[k] for k in ("hvae", "guidance")}:
                 logger.info("%s was fine-tuned from earlier models; fine-tuning again.", path)
-                if _rank() == 0:
+                if process_rank() == 0:
                     path.unlink()
                     shutil.rmtree(self.models_dir / "runs" / name.removesuffix(".pt"), ignore_errors=True)
                 _barrier()
@@ -1123,7 +1119,7 @@ class CounterfactualPipeline:
         if not hasattr(self, "evaluation_predictor"):
             self.stage_evaluation_predictor()
         self._prepare_data()  # holds a barrier: every rank must pass it before the others return
-        if _rank() != 0:
+        if process_rank() != 0:
             return None
         options = dict(self.evaluation)
         batch = int(options.pop("batch_size"))

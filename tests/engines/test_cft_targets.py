@@ -15,7 +15,6 @@ import torch
 
 from monai_cf.data import AttributeEncoder
 from monai_cf.engines.cft_targets import (
-    DampedLagrangian,
     InterventionBatch,
     affected_mask,
     cft_targets,
@@ -207,27 +206,3 @@ def test_soft_mode_needs_probabilities_and_modes_are_checked():
         cft_targets(GRAPH, "soft", encoded, encoded, affected, {"sex": torch.rand(4, 1)})
     with pytest.raises(ValueError, match="'medium'"):
         cft_targets(GRAPH, "medium", encoded, encoded, affected)
-
-
-def test_damped_lagrangian():
-    lagrangian = DampedLagrangian(epsilon=2.0, damping=10.0)
-    optimizer = torch.optim.SGD(lagrangian.parameters(), lr=0.5, maximize=True)
-    nelbo = torch.tensor(2.5, requires_grad=True)
-    loss = lagrangian(torch.tensor(1.0), nelbo)
-    # lambda = 0: loss = 1 - (0 - 10 * (-0.5)) * (-0.5) = 3.5; the constraint is violated, so d loss / d nelbo > 0
-    assert torch.isclose(loss, torch.tensor(3.5))
-    loss.backward()
-    assert float(nelbo.grad) == pytest.approx(5.0)
-    optimizer.step()
-    lagrangian.clamp_()
-    assert float(lagrangian.multiplier.detach()) == pytest.approx(0.25)  # ascent: d loss / d lambda = nelbo - eps = 0.5
-    # a satisfied constraint pushes the multiplier down, and it never goes below zero
-    for _ in range(5):
-        optimizer.zero_grad()
-        lagrangian(torch.tensor(1.0), torch.tensor(1.0)).backward()
-        optimizer.step()
-        lagrangian.clamp_()
-        assert float(lagrangian.multiplier.detach()) >= 0.0
-    assert float(lagrangian.multiplier.detach()) == 0.0
-    with pytest.raises(ValueError):
-        DampedLagrangian(epsilon=1.0, damping=-1.0)

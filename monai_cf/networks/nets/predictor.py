@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Attribute predictors ``q(pa | x)`` and their loss.
+"""Attribute predictors ``q(pa | x)`` (their loss, :class:`~monai_cf.losses.AttributeLoss`, is in ``losses``).
 
 An :class:`AttributePredictor` is an image backbone (a small CNN of MONAI ``Convolution`` blocks for small
 images, or a MONAI ``ResNet``/``DenseNet``) with one linear head per attribute. Counterfactual fine-tuning
@@ -24,28 +24,24 @@ Head outputs, in the encoded units of :class:`~monai_cf.data.AttributeEncoder`:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import monai.networks.nets as monai_nets
 import torch
-import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.layers import Pool
 from torch import nn
 
 from monai_cf.graph import AttributeKind, CausalGraph
+from monai_cf.losses.attribute import AttributeLoss, attribute_head_dim, supervised_attributes
 
-__all__ = ["SmallCNN", "AttributePredictor", "AttributeLoss", "PREDICTOR_BACKBONES"]
+__all__ = ["SmallCNN", "AttributePredictor", "AttributeLoss", "PREDICTOR_BACKBONES"]  # AttributeLoss: monai_cf.losses
 
 _RESNETS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101")
 _DENSENETS = ("densenet121", "densenet169", "densenet201")
 
 #: Backbone names :class:`AttributePredictor` accepts.
 PREDICTOR_BACKBONES = ("small_cnn",) + _RESNETS + _DENSENETS
-
-#: Log standard deviations of continuous heads are clipped to this range in the Gaussian NLL.
-_LOG_SCALE_RANGE = (-7.0, 5.0)
 
 
 class SmallCNN(nn.Module):
@@ -117,22 +113,6 @@ def _build_backbone(
     raise ValueError(f"Unknown predictor backbone '{name}'; available: {list(PREDICTOR_BACKBONES)}.")
 
 
-def _head_dim(graph: CausalGraph, name: str) -> int:
-    var = graph[name]
-    if var.kind == AttributeKind.CONTINUOUS:
-        return 2
-    return var.num_classes if var.kind == AttributeKind.CATEGORICAL else 1
-
-
-def _attributes(graph: CausalGraph, attributes: Sequence[str] | None) -> list[str]:
-    names = list(graph.image_parents) if attributes is None else graph.check_names(attributes)
-    if not names:
-        raise ValueError("A predictor needs at least one attribute.")
-    if len(set(names)) != len(names):
-        raise ValueError(f"Attributes listed twice: {names}.")
-    return names
-
-
 class AttributePredictor(nn.Module):
     """An image backbone with one head per attribute of a causal graph.
 
@@ -181,7 +161,7 @@ class AttributePredictor(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
         self.spatial_dims = spatial_dims
         self.graph = CausalGraph.build(graph)
-        self.attributes = _attributes(self.graph, attributes)
+        self.attributes = supervised_attributes(self.graph, attributes)
         if isinstance(backbone, nn.Module):
             if num_features is None:
                 raise ValueError("A custom backbone module needs num_features (its embedding width).")
@@ -191,7 +171,9 @@ class AttributePredictor(nn.Module):
                 str(backbone).lower(), spatial_dims, in_channels, channels, act, norm, dict(backbone_kwargs or {})
             )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.heads = nn.ModuleDict({n: nn.Linear(self.num_features, _head_dim(self.graph, n)) for n in self.attributes})
+        self.heads = nn.ModuleDict(
+            {n: nn.Linear(self.num_features, attribute_head_dim(self.graph, n)) for n in self.attributes}
+        )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The penultimate embedding ``(B, num_features)`` (for PCA embedding shift and FID)."""
@@ -223,125 +205,3 @@ class AttributePredictor(nn.Module):
     def probabilities(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per attribute: sigmoid / softmax probabilities, or the predicted mean of a continuous attribute."""
         return self.to_probabilities(self(x))
-
-
-class AttributeLoss(nn.Module):
-    """Per-attribute supervision of :class:`AttributePredictor` outputs, with hard or soft targets.
-
-    - binary: binary cross-entropy with logits; the target is ``0/1`` or a probability in ``[0, 1]``,
-      ``(B,)`` or ``(B, 1)``;
-    - categorical: cross-entropy; the target is class indices ``(B,)`` (or ``(B, 1)``) or probabilities
-      ``(B, K)`` whose rows sum to 1 (a one-hot row gives the same loss as its index);
-    - continuous: ``"mse"`` on the predicted mean, or ``"gaussian_nll"`` with the predicted log standard
-      deviation (clipped to ``[-7, 5]``); targets in encoded ``[-1, 1]`` units, ``(B,)`` or ``(B, 1)``.
-
-    Args:
-        graph: a :class:`~monai_cf.graph.CausalGraph` or anything :meth:`CausalGraph.build` accepts.
-        attributes: the attributes to supervise (default: the image's parents).
-        weights: optional per-attribute weights of the total (default 1 each).
-        continuous: ``"mse"`` or ``"gaussian_nll"``.
-        reduction: ``"mean"`` or ``"sum"`` over the batch, or ``"none"`` for per-sample ``(B,)`` losses.
-
-    Calling it returns the weighted total; with ``return_parts=True`` it returns ``(total, parts)`` where
-    ``parts`` maps every attribute to its unweighted loss.
-
-    Example::
-
-        loss_fn = AttributeLoss("mimic_cxr")
-        outputs = predictor(images)
-        targets = {"sex": torch.tensor([1, 0]), "race": torch.tensor([[0.2, 0.7, 0.1], [1.0, 0.0, 0.0]]),
-                   "age": torch.tensor([0.1, -0.4]), "disease": torch.tensor([[0.9], [0.0]])}
-        total, parts = loss_fn(outputs, targets, return_parts=True)
-    """
-
-    def __init__(
-        self,
-        graph: CausalGraph | Mapping | str,
-        attributes: Sequence[str] | None = None,
-        weights: Mapping[str, float] | None = None,
-        continuous: str = "mse",
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__()
-        self.graph = CausalGraph.build(graph)
-        self.attributes = _attributes(self.graph, attributes)
-        weights = dict(weights or {})
-        unknown = [n for n in weights if n not in self.attributes]
-        if unknown:
-            raise ValueError(f"Weights given for {unknown}, which are not supervised; attributes: {self.attributes}.")
-        self.weights = {n: float(weights.get(n, 1.0)) for n in self.attributes}
-        if continuous not in ("mse", "gaussian_nll"):
-            raise ValueError(f"continuous must be 'mse' or 'gaussian_nll', got '{continuous}'.")
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got '{reduction}'.")
-        self.continuous = continuous
-        self.reduction = reduction
-
-    def forward(
-        self,
-        outputs: Mapping[str, torch.Tensor],
-        targets: Mapping[str, torch.Tensor],
-        return_parts: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        parts = {}
-        for name in self.attributes:
-            if name not in outputs:
-                raise ValueError(f"Predictor output for '{name}' is missing; got {sorted(outputs)}.")
-            if name not in targets:
-                raise ValueError(f"Target for '{name}' is missing; got {sorted(targets)}.")
-            per_sample = self.attribute_loss(name, outputs[name], targets[name])
-            if self.reduction == "mean":
-                parts[name] = per_sample.mean()
-            elif self.reduction == "sum":
-                parts[name] = per_sample.sum()
-            else:
-                parts[name] = per_sample
-        total = sum(self.weights[n] * parts[n] for n in self.attributes)
-        return (total, parts) if return_parts else total
-
-    def attribute_loss(self, name: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The per-sample ``(B,)`` loss of one attribute."""
-        var = self.graph[name]
-        expected = _head_dim(self.graph, name)
-        if output.ndim != 2 or output.shape[-1] != expected:
-            raise ValueError(f"Output for '{name}' must have shape (B, {expected}), got {tuple(output.shape)}.")
-        batch = output.shape[0]
-        target = torch.as_tensor(target, device=output.device)
-        if var.kind == AttributeKind.CATEGORICAL:
-            return self._categorical(name, output, target, batch)
-        target = _column(name, target, batch).to(output.dtype)
-        if var.kind == AttributeKind.BINARY:
-            if ((target < 0) | (target > 1)).any():
-                raise ValueError(f"Binary target of '{name}' must be 0/1 or a probability in [0, 1].")
-            return F.binary_cross_entropy_with_logits(output, target, reduction="none")[:, 0]
-        mean = output[:, 0]
-        if self.continuous == "mse":
-            return (mean - target[:, 0]) ** 2
-        log_scale = output[:, 1].clamp(*_LOG_SCALE_RANGE)
-        return 0.5 * ((target[:, 0] - mean) * torch.exp(-log_scale)) ** 2 + log_scale + 0.5 * math.log(2 * math.pi)
-
-    def _categorical(self, name: str, logits: torch.Tensor, target: torch.Tensor, batch: int) -> torch.Tensor:
-        num_classes = logits.shape[-1]
-        if target.ndim == 2 and target.shape == (batch, num_classes) and target.is_floating_point():
-            if (target < 0).any() or not torch.allclose(target.sum(-1), torch.ones_like(target[:, 0]), atol=1e-3):
-                raise ValueError(f"Soft target of '{name}' must hold probabilities whose rows sum to 1.")
-            return -(target.to(logits.dtype) * torch.log_softmax(logits, dim=-1)).sum(-1)
-        index = _column(name, target, batch)[:, 0]
-        if index.is_floating_point():
-            if not torch.equal(index, index.round()):
-                raise ValueError(
-                    f"Target of '{name}' must be class indices (B,) or probabilities (B, {num_classes}), "
-                    f"got non-integer values of shape {tuple(target.shape)}."
-                )
-        index = index.long()
-        if ((index < 0) | (index >= num_classes)).any():
-            raise ValueError(f"Class index target of '{name}' out of range [0, {num_classes - 1}].")
-        return F.cross_entropy(logits, index, reduction="none")
-
-
-def _column(name: str, target: torch.Tensor, batch: int) -> torch.Tensor:
-    if target.ndim == 1:
-        target = target.unsqueeze(-1)
-    if target.ndim != 2 or target.shape != (batch, 1):
-        raise ValueError(f"Target of '{name}' must have shape ({batch},) or ({batch}, 1), got {tuple(target.shape)}.")
-    return target

@@ -1,0 +1,18 @@
+# Copyright (c) monai_cf contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Losses of monai_cf, MONAI-style: the attribute predictors', the attribute mechanisms' and the fine-tuning's
+constraint."""
+
+from __future__ import annotations
+
+from .attribute import AttributeLoss, attribute_head_dim, supervised_attributes
+from .lagrangian import DampedLagrangian
+from .mechanism import MechanismNLLLoss
