@@ -8,14 +8,16 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""HVAE speed on the CPU at the reference architectures, against the reference implementation's figures.
+"""HVAE speed on the CPU at the reference architectures, in absolute figures.
 
 For the Morpho-MNIST (batch 32) and MIMIC-192 (batch 16) architectures: training images/s (forward, backward,
 AdamW step), counterfactual images/s (abduct + decode), peak memory, GFLOP/s achieved (FLOPs counted once with
-``torch.utils.flop_counter``) and the ratio to the reference figures measured on this machine class. One line per
-configuration, then a summary line. Each configuration runs in its own process (clean peak memory). Images/s is
+``torch.utils.flop_counter``). One line per configuration, then a summary line. No speed-up over the reference
+implementation is printed: a ratio is only meaningful when both are timed side by side in one run (fresh processes,
+order alternated), and the reference is not shipped; a figure measured on another day is not a baseline. Each
+configuration runs in its own process (clean peak memory). Images/s is
 the median over several timed windows (best and worst printed beside it), because on a shared VM windows of the
-same computation differ by up to 30%; ratios and verdicts use the median.
+same computation differ by up to 30%; the verdicts use the median.
 
 ``--precision`` picks the HVAE's arithmetic (:attr:`monai_cf.networks.HVAE.precision`; the default ``auto`` is
 the library default: bf16 autocast on CPUs with native bf16 for large models such as MIMIC-192, float32 for
@@ -49,18 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_networks import _images, measure  # noqa: E402
 
-#: images/s of the reference implementation on a 2-core AMD EPYC (torch 2.13 CPU), from issue 8.
-REFERENCE = {
-    ("morphomnist", "train"): 46.0,
-    ("morphomnist", "cf"): 132.0,
-    ("mimic192", "train"): 0.6,
-    ("mimic192", "cf"): 2.7,
-}
 CONFIGS = {
     "morphomnist": {"batch": 32, "warmup": 3, "repeats": 4, "windows": 7},
     "mimic192": {"batch": 16, "warmup": 1, "repeats": 1, "windows": 3},
 }
-TARGETS = {"morphomnist": 3.0, "mimic192": 2.0}
 ELBO_TOLERANCE = 0.01
 
 
@@ -150,7 +144,6 @@ def _run(preset: str, task: str, threads: int, precision: str, allocator: str) -
     ]
     rates = sorted(w["img/s"] for w in windows)
     median = statistics.median(rates)
-    reference = REFERENCE[preset, task]
     return {
         "config": f"{preset} {task}",
         "precision": _resolved_path(precision, model),
@@ -159,8 +152,6 @@ def _run(preset: str, task: str, threads: int, precision: str, allocator: str) -
         "img/s": median,
         "best img/s": rates[-1],
         "worst img/s": rates[0],
-        "reference img/s": reference,
-        "ratio": median / reference,
         "GFLOP/step": flops / 1e9,
         "GFLOP/s": flops * median / cfg["batch"] / 1e9,
         "peak MB": max(w["peak MB"] for w in windows),
@@ -253,8 +244,6 @@ def main() -> None:
         "img/s",
         "best img/s",
         "worst img/s",
-        "reference img/s",
-        "ratio",
         "GFLOP/step",
         "GFLOP/s",
         "peak MB",
@@ -269,13 +258,8 @@ def main() -> None:
                 result = pool.apply(_run, (preset, task, args.threads, args.precision, args.allocator))
             results.append(result)
             print("| " + " | ".join(_fmt(result[c]) for c in columns + ["load"]) + " |", flush=True)
-    verdicts = []
-    for result in results:
-        preset = result["config"].split()[0]
-        ok = result["ratio"] >= TARGETS[preset]
-        verdicts.append(
-            f"{result['config']} {result['ratio']:.2f}x (target {TARGETS[preset]:.0f}x) {'PASS' if ok else 'FAIL'}"
-        )
+    verdicts = [f"{r['config']} {r['img/s']:.1f} img/s" for r in results]
+    verdicts.append("no ratio to the reference implementation measured (it was not timed in this run)")
     if args.elbo_steps > 0:
         runs = []
         for precision in ("fp32", args.precision):
