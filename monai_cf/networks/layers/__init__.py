@@ -12,6 +12,6 @@
 
 from __future__ import annotations
 
-from .convolution import FewChannelConvFunction, pointwise_conv, spatial_conv, uniform_init_
+from .convolution import FewChannelConvFunction, has_forward_hooks, pointwise_conv, spatial_conv, uniform_init_
 from .distributions import PosteriorSampleKL, discretized_gaussian_log_likelihood, gaussian_kl
 from .precision import autocast_off, bf16_is_native, compute_dtype

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from monai_cf.networks.layers.precision import compute_dtype
 
-__all__ = ["FewChannelConvFunction", "pointwise_conv", "spatial_conv", "uniform_init_"]
+__all__ = ["FewChannelConvFunction", "has_forward_hooks", "pointwise_conv", "spatial_conv", "uniform_init_"]
 
 
 def uniform_init_(tensor: torch.Tensor, fan_in: int, gain: float = 1.0) -> None:
@@ -38,7 +38,13 @@ def pointwise_conv(conv: nn.Module, x: torch.Tensor, out_slice: slice | None = N
     forward plus backward at the few-channel widths used here; on 1x1(x1) maps a plain linear layer also
     skips the convolution's per-call overhead. Elsewhere (GPU, channels-last) the convolution is used.
     ``out_slice`` computes only those output channels.
+
+    A convolution with forward hooks (its own or global ones, e.g. feature extraction or Grad-CAM) is called as
+    a module, so that its hooks see its whole input and output, whatever the device.
     """
+    if has_forward_hooks(conv):
+        out = conv(x)
+        return out if out_slice is None else out[:, out_slice]
     weight, bias = conv.weight, conv.bias
     if out_slice is not None:
         weight, bias = weight[out_slice], None if bias is None else bias[out_slice]
@@ -59,6 +65,16 @@ def pointwise_conv(conv: nn.Module, x: torch.Tensor, out_slice: slice | None = N
         bias = bias.to(dtype)[None, :, None].expand(batch, -1, flat.shape[-1])
         out = torch.baddbmm(bias, weight, flat)
     return out.view((batch, out.shape[1]) + spatial)
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run forward (pre-)hooks: its own, or global ones registered for all modules."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+    )
 
 
 _CONV_FUNCTIONS = {2: F.conv2d, 3: F.conv3d}
@@ -110,9 +126,13 @@ class FewChannelConvFunction(torch.autograd.Function):
 
 
 def spatial_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a kxk "same" conv, through :class:`FewChannelConvFunction` where that is faster (see there)."""
+    """Apply a kxk "same" conv, through :class:`FewChannelConvFunction` where that is faster (see there).
+
+    As in :func:`pointwise_conv`, a convolution with forward hooks is called as a module.
+    """
     if (
-        torch.is_grad_enabled()
+        not has_forward_hooks(conv)
+        and torch.is_grad_enabled()
         and x.device.type == "cpu"
         and conv.in_channels <= 8
         and conv.out_channels <= 8

@@ -336,6 +336,21 @@ def test_forward_shares_the_encoder_pass_without_changing_numbers():
     assert torch.equal(joint["x_cf"], separate_cf)
 
 
+def test_forward_hooks_on_every_convolution_fire_without_changing_numbers():
+    model, x, pa = _fp32_model_and_data(batch=4)
+    torch.manual_seed(3)
+    plain = model.elbo(x, pa)["nelbo"]
+    convolutions = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    fired = set()
+    handles = [m.register_forward_hook(lambda m, i, o, n=name: fired.add(n)) for name, m in convolutions.items()]
+    torch.manual_seed(3)
+    hooked = model.elbo(x, pa)["nelbo"]
+    for handle in handles:
+        handle.remove()
+    assert fired == set(convolutions)  # feature extraction sees every layer on the CPU too
+    assert hooked.item() == pytest.approx(plain.item(), abs=1e-5)
+
+
 def test_bf16_elbo_close_to_fp32_and_nothing_leaks():
     model, x, pa = _fp32_model_and_data(batch=8)
     torch.manual_seed(1)
