@@ -10,7 +10,8 @@
 # limitations under the License.
 """The pieces of counterfactual fine-tuning (Algorithm 1 of Soft-CFT) that do not depend on an engine.
 
-- :func:`sample_interventions`: one random image parent per sample, its value taken from another sample;
+- :func:`~monai_cf.interventions.sample_interventions` (in ``interventions``, imported here for old imports): one
+  random image parent per sample, its value taken from another sample;
 - :func:`cft_targets`: the predictor targets for the counterfactual images, hard or soft;
 - :class:`~monai_cf.losses.DampedLagrangian` (in ``losses``): the constraint that keeps the nELBO near its value
   before fine-tuning.
@@ -19,12 +20,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from monai_cf.graph import CausalGraph
+from monai_cf.interventions import InterventionBatch, sample_interventions
 from monai_cf.losses.lagrangian import DampedLagrangian
 
 __all__ = [
@@ -43,79 +43,6 @@ CFT_MODES = ("none", "hard", "soft")
 #: targets of the intervened attributes and their descendants: ``hard`` counterfactual labels (Algorithm 1), or
 #: the real image's reading ``transported`` to the counterfactual value (:func:`transported_reading`)
 INTERVENED_TARGETS = ("hard", "transported")
-
-
-@dataclass
-class InterventionBatch:
-    """Per-sample single-attribute interventions of a batch, in encoded space.
-
-    Attributes:
-        chosen: ``(B,)`` index into ``attributes`` of the attribute intervened on in each sample.
-        attributes: the candidate attributes (the image parents), in graph order.
-        do: encoded intervention value per attribute, ``(B, dim)``.
-        do_mask: ``(B,)`` booleans per attribute: the samples intervened on that attribute.
-    """
-
-    chosen: torch.Tensor
-    attributes: tuple[str, ...]
-    do: dict[str, torch.Tensor]
-    do_mask: dict[str, torch.Tensor]
-
-
-def sample_interventions(
-    graph: CausalGraph,
-    encoded: Mapping[str, torch.Tensor],
-    generator: torch.Generator | None = None,
-    attributes: tuple[str, ...] | None = None,
-    force_change: bool = False,
-) -> InterventionBatch:
-    """Draw one intervention per sample, as in counterfactual fine-tuning.
-
-    Each sample intervenes on one attribute chosen uniformly among ``attributes`` (default: the image
-    parents); the value is that attribute's value in another sample of the batch (a random permutation), so
-    interventions follow the data's marginal distribution. A permutation often hands a sample its own value
-    (about half the time for a balanced binary attribute), a null intervention that teaches the counterfactual
-    nothing; ``force_change=True`` replaces discrete values by a different class instead (binary: the other
-    one; categorical: another class uniformly), as the evaluation's interventions do. Continuous values stay
-    permuted.
-
-    Args:
-        graph: the causal graph.
-        encoded: encoded factual attributes, ``(B, dim)`` each.
-        generator: random generator (on the CPU) for reproducible draws.
-        attributes: the attributes that may be intervened on.
-        force_change: discrete interventions always change the value.
-
-    Example::
-
-        interventions = sample_interventions(graph, encoded, torch.Generator().manual_seed(0))
-        cf = counterfactual_all(mechanisms, graph, encoded, interventions.do, interventions.do_mask)
-    """
-    attributes = tuple(graph.check_names(attributes if attributes is not None else graph.image_parents))
-    if not attributes:
-        raise ValueError("No attribute to intervene on.")
-    batch = next(iter(encoded.values())).shape[0]
-    device = next(iter(encoded.values())).device
-    chosen = torch.randint(len(attributes), (batch,), generator=generator).to(device)
-    do, do_mask = {}, {}
-    for index, name in enumerate(attributes):
-        permutation = torch.randperm(batch, generator=generator).to(device)
-        var = graph[name]
-        if force_change and var.is_discrete:
-            do[name] = _other_class(encoded[name], var.num_classes, generator)
-        else:
-            do[name] = encoded[name][permutation]
-        do_mask[name] = chosen == index
-    return InterventionBatch(chosen=chosen, attributes=attributes, do=do, do_mask=do_mask)
-
-
-def _other_class(encoded: torch.Tensor, num_classes: int, generator: torch.Generator | None) -> torch.Tensor:
-    """A different class per sample: ``1 - x`` for a binary ``(B, 1)`` code, another one-hot class otherwise."""
-    if encoded.shape[-1] == 1:
-        return 1.0 - encoded
-    offset = torch.randint(1, num_classes, (encoded.shape[0],), generator=generator).to(encoded.device)
-    other = (encoded.argmax(-1) + offset) % num_classes
-    return nn.functional.one_hot(other, num_classes).to(encoded.dtype)
 
 
 def affected_mask(graph: CausalGraph, interventions: InterventionBatch) -> dict[str, torch.Tensor]:

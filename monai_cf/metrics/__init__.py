@@ -17,6 +17,8 @@ a test set and writes ``metrics.json`` and ``report.md``.
 
 from __future__ import annotations
 
+from monai_cf.interventions import draw_intervention_values
+
 from .consistency import (
     AttributeLevels,
     adjusted_reading,
@@ -37,7 +39,6 @@ from .effectiveness import (
 )
 from .embedding import EmbeddingPCA, frechet_distance, separating_mode, subgroup_shift, wasserstein_shift
 from .faithfulness import continuous_amplification, effectiveness_excess, relative_error_change, truth_gain
-from .interventions import draw_intervention_values
 from .soundness import (
     MAX_PSNR,
     CounterfactualFn,

@@ -30,6 +30,7 @@ from monai.networks import eval_mode
 from monai.utils import MAX_SEED
 
 from monai_cf.graph import CausalGraph
+from monai_cf.interventions import allowed_values, draw_other_in_range
 from monai_cf.networks.nets.mechanisms import parents_vector
 from monai_cf.transforms.cache import CounterfactualCache, tensor_digest
 
@@ -145,12 +146,7 @@ class InterventionSampler:
 
     def candidates(self, name: str, current: Any) -> list[int | float] | None:
         """The allowed values of ``name`` other than ``current``; ``None`` means "a whole range or class set"."""
-        var = self.scm.graph[name]
-        if name in self.values:
-            return [v for v in self.values[name] if v != current]
-        if var.is_discrete:
-            return [k for k in range(var.num_classes) if k != current]
-        return None
+        return allowed_values(self.scm.graph[name], current, self.values.get(name))
 
     def draw(
         self, current: Mapping[str, Any], rng: np.random.RandomState
@@ -171,12 +167,7 @@ class InterventionSampler:
             return self._draw_from_mechanism(name, current, rng)
         if options is not None:
             return options[int(rng.randint(len(options)))]
-        low, high = var.value_range
-        while True:
-            # float32, the precision of canonical values, so the value written back is the value drawn
-            value = float(np.float32(low + (high - low) * rng.rand()))
-            if value != current[name] and low <= value <= high:
-                return value
+        return draw_other_in_range(var, current[name], rng)
 
     def _draw_from_mechanism(self, name: str, current: Mapping[str, Any], rng: np.random.RandomState) -> int | float:
         scm, var = self.scm, self.scm.graph[name]

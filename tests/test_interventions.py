@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from monai_cf.graph import CausalGraph
-from monai_cf.metrics import draw_intervention_values
+from monai_cf.interventions import allowed_values, draw_intervention_values, draw_other_in_range, other_classes
 
 GRAPH = CausalGraph.from_name("mimic_cxr")
 
@@ -62,3 +63,38 @@ def test_draws_are_seeded_and_the_gap_is_checked():
         draw_intervention_values(GRAPH, "age", [50.0], np.random.default_rng(0), min_gap=0.5)
     with pytest.raises(ValueError, match="Unknown variable"):
         draw_intervention_values(GRAPH, "height", [50.0], np.random.default_rng(0))
+
+
+def test_other_classes_from_numpy_and_torch_sources():
+    current = np.array([0, 1, 2] * 2000)
+    drawn = other_classes(current, 3, np.random.default_rng(0))
+    assert drawn.dtype == np.int64 and not (drawn == current).any()
+    for k in range(3):  # from each class the two others are equally likely
+        others = np.bincount(drawn[current == k], minlength=3) / (current == k).sum()
+        assert sorted(others)[1:] == pytest.approx([0.5, 0.5], abs=0.04)
+    tensor = torch.tensor(current)
+    moved = other_classes(tensor, 3, torch.Generator().manual_seed(0))
+    assert moved.dtype == tensor.dtype and not torch.any(moved == tensor)
+    assert torch.equal(moved, other_classes(tensor, 3, torch.Generator().manual_seed(0)))
+
+
+def test_a_binary_flip_draws_nothing():
+    rng = np.random.default_rng(1)
+    state = rng.bit_generator.state
+    code = torch.tensor([[0.0], [1.0]])
+    assert torch.equal(other_classes(code, 2, binary=True), torch.tensor([[1.0], [0.0]]))
+    assert other_classes(np.array([0, 1]), 2, rng, binary=True).tolist() == [1, 0]
+    assert rng.bit_generator.state == state
+    assert other_classes(np.array([0, 1]), 2, rng).tolist() == [1, 0]  # a two-class categorical moves too
+
+
+def test_allowed_values_and_a_range_draw_other_than_the_current_value():
+    race, age = GRAPH["race"], GRAPH["age"]
+    assert allowed_values(race, 1) == [0, 2]
+    assert allowed_values(race, 1, values=[1, 2]) == [2]
+    assert allowed_values(age, 40.0) is None
+    assert allowed_values(age, 40.0, values=[40.0, 60.0]) == [60.0]
+    rng = np.random.RandomState(0)
+    drawn = [draw_other_in_range(age, 50.0, rng) for _ in range(200)]
+    assert all(0.0 <= v <= 100.0 and v != 50.0 and v == float(np.float32(v)) for v in drawn)
+    assert drawn[0] == draw_other_in_range(age, 50.0, np.random.RandomState(0))  # seeded
