@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from monai_cf.engines import create_diffusion_trainer
+from monai_cf.engines.cft_targets import CFT_MODES
 from monai_cf.networks import DeepSCM
 from monai_cf.networks.nets import DiffusionGuidance, DiffusionImageMechanism
 from monai_cf.pipeline.workflow import (
@@ -110,9 +111,10 @@ class DiffusionPipeline(CounterfactualPipeline):
             except ValueError as error:
                 raise ValueError(f"guidance_types.{name}: {error}") from None
         compare = [compare_hvae] if isinstance(compare_hvae, str) else list(compare_hvae or [])
-        unknown = sorted(set(compare) - set(self.cft["modes"]) - {"none", "hard", "soft"})
+        unknown = sorted(set(compare) - set(CFT_MODES))
         if unknown:
-            raise ValueError(f"compare_hvae names unknown fine-tuning modes {unknown}; choose from none, hard, soft.")
+            choices = ", ".join(CFT_MODES)
+            raise ValueError(f"compare_hvae names unknown fine-tuning modes {unknown}; choose from {choices}.")
         self.compare_hvae = compare
         if compare:
             self.cft["modes"] = compare
