@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from monai_cf.losses import MechanismNLLLoss  # its former home; monai_cf.losses holds it
+
 from .cft import CFT_OUTPUT_KEYS, CounterfactualFineTuner, create_cft_trainer, measure_nelbo
 from .cft_targets import (
     CFT_MODES,
@@ -24,16 +26,8 @@ from .cft_targets import (
 from .diffusion_trainer import DIFFUSION_OUTPUT_KEYS, DiffusionEvaluator, DiffusionTrainer, create_diffusion_trainer
 from .evaluator import CounterfactualEvaluator, train_attribute_predictor
 from .hvae_trainer import HVAE_OUTPUT_KEYS, HVAEEvaluator, HVAETrainer, build_image_trainer, create_hvae_trainer
-from .part_trainers import (
-    AttributeMetrics,
-    AttributeTable,
-    MechanismLikelihood,
-    MechanismNLLLoss,
-    attribute_auc,
-    attribute_loader,
-    create_mechanism_trainer,
-    create_predictor_trainer,
-)
+from .mechanism_trainer import AttributeTable, MechanismLikelihood, attribute_loader, create_mechanism_trainer
+from .predictor_trainer import AttributeMetrics, attribute_auc, create_predictor_trainer
 from .runtime import tune_cpu_allocator
 from .utils import (
     AttributePrepareBatch,

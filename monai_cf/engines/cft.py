@@ -30,10 +30,12 @@ from monai_cf.engines.cft_targets import (
     sample_interventions,
 )
 from monai_cf.engines.hvae_trainer import HVAETrainer, model_inputs, resolve_image_model
-from monai_cf.engines.optimizers import OptimizerFactory, build_optimizer, optimizer_params
-from monai_cf.engines.utils import OutputSummary, guarded_optimizer_step, is_distributed, setup_training_handlers
+from monai_cf.engines.optimizers import OptimizerFactory
+from monai_cf.engines.trainer_factory import attach_stage_handlers, create_optimizer, training_device, world_size
+from monai_cf.engines.utils import OutputSummary, guarded_optimizer_step, is_distributed
+from monai_cf.losses import AttributeLoss
 from monai_cf.networks.nets.mechanisms import counterfactual_all
-from monai_cf.networks.nets.predictor import AttributeLoss, AttributePredictor
+from monai_cf.networks.nets.predictor import AttributePredictor
 from monai_cf.networks.scm import DeepSCM
 
 __all__ = ["CFT_OUTPUT_KEYS", "CFT_TRAINABLE", "CounterfactualFineTuner", "measure_nelbo", "create_cft_trainer"]
@@ -381,7 +383,7 @@ def create_cft_trainer(
                                    max_epochs=2, progress_bar=True)
         tuner.run()
     """
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = training_device(device)
     network = network.to(device)
     if elbo_constraint is None and mode != "none":
         elbo_constraint = measure_nelbo(network, train_loader, constraint_batches, device)
@@ -395,11 +397,7 @@ def create_cft_trainer(
     else:
         parameters = list(network.image_model.parameters())
     optimizer_factory = optimizer
-    optimizer = build_optimizer(
-        optimizer_factory,
-        parameters,
-        lambda params: torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay),
-    )
+    optimizer = create_optimizer(optimizer_factory, parameters, lr, weight_decay, betas=betas)
     trainer = CounterfactualFineTuner(
         device=device,
         max_epochs=max_epochs,
@@ -421,7 +419,7 @@ def create_cft_trainer(
         proximity_weight=proximity_weight,
         intervened_targets=intervened_targets,
     )
-    params = {
+    stage_params = {
         "stage": f"cft_{mode}",
         "mode": mode,
         "lr": lr,
@@ -439,11 +437,9 @@ def create_cft_trainer(
         "proximity_weight": proximity_weight,
         "trainable": trainable,
         "intervened_targets": intervened_targets,
-        "world_size": torch.distributed.get_world_size() if is_distributed() else 1,
-        **optimizer_params(optimizer, optimizer_factory),
+        "world_size": world_size(),
     }
-    params.update(handler_kwargs.pop("tracking_params", None) or {})
-    trainer.attached_handlers = setup_training_handlers(
-        trainer, trainer.checkpoint_dict(), output_dir, tracking_params=params, **handler_kwargs
+    attach_stage_handlers(
+        trainer, trainer.checkpoint_dict(), output_dir, stage_params, optimizer, optimizer_factory, handler_kwargs
     )
     return trainer

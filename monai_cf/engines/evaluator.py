@@ -19,6 +19,10 @@ optionally, the utility of counterfactuals as training data (Table 2). The resul
 ``evaluator.results`` (nested, JSON-ready) and ``evaluator.state.metrics`` (flat scalars for MONAI handlers);
 with ``output_dir`` a :class:`~monai_cf.handlers.report.CounterfactualReportWriter` writes ``metrics.json``,
 ``report.md`` and the figures, and logs them to MLflow.
+
+The engine here runs the loop and puts the results together; the counterfactual calls, batching and
+accumulators live in :mod:`monai_cf.engines.evaluation_runner`, the result sections' computations in
+:mod:`monai_cf.engines.evaluation_sections`.
 """
 
 from __future__ import annotations
@@ -36,40 +40,48 @@ import torch
 from ignite.engine import Events
 from monai.engines import Evaluator
 from monai.networks.utils import eval_mode
+from monai.utils import convert_to_tensor
 from torch import nn
 
 from monai_cf.data.encoding import AttributeEncoder
+from monai_cf.engines.evaluation_runner import (
+    CounterfactualRunner,
+    EvaluationAccumulator,
+    TensorBatches,
+    append_nested,
+    cat_values,
+    collect_dataset,
+    predict_in_chunks,
+    to_numpy,
+)
+from monai_cf.engines.evaluation_sections import (
+    composition_results,
+    consistency_results,
+    effectiveness_results,
+    embedding_results,
+    example_figure_data,
+    faithfulness_results,
+    ground_truth_results,
+    realism_results,
+    reversibility_results,
+    utility_results,
+)
 from monai_cf.engines.runtime import tune_cpu_allocator
 from monai_cf.graph import AttributeKind, CausalGraph
 from monai_cf.handlers.report import CounterfactualReportWriter, flatten_results
 from monai_cf.losses import AttributeLoss
 from monai_cf.metrics import (
-    EmbeddingPCA,
-    amplification,
-    attribute_performance,
     composition_distances,
-    continuous_amplification,
-    counterfactual_consistency,
     draw_intervention_values,
-    effectiveness_excess,
-    frechet_distance,
     image_similarity,
     l1_255,
-    logit_shift,
     reversibility_distances,
-    separating_mode,
-    subgroup_shift,
-    truth_gain,
 )
 from monai_cf.networks.nets.predictor import AttributePredictor
-from monai_cf.networks.scm import DeepSCM
 
 __all__ = ["CounterfactualEvaluator", "train_attribute_predictor"]
 
 logger = logging.getLogger("monai_cf.engines")
-
-_PREDICT_CHUNK = 256
-_FIGURE_MODES = 10  # the embedding figures show the most separating of this many leading PCA modes
 
 
 def train_attribute_predictor(
@@ -143,119 +155,6 @@ def train_attribute_predictor(
             optimizer.step()
             scheduler.step()
     return predictor.eval()
-
-
-class _CounterfactualRunner:
-    """Calls a counterfactual function (or a DeepSCM) with the evaluator's generator, batched where it can."""
-
-    def __init__(self, fn: Any, generator: torch.Generator | None) -> None:
-        self.fn = fn
-        self.generator = generator
-        self.is_scm = isinstance(fn, DeepSCM)
-        if not self.is_scm and not callable(fn):
-            raise ValueError(f"A counterfactual function must be callable or a DeepSCM, got {type(fn).__name__}.")
-        self.modules = [fn] if isinstance(fn, nn.Module) else []
-
-    def __call__(self, x: torch.Tensor, pa: Mapping[str, torch.Tensor], do: Mapping[str, Any]) -> tuple:
-        if self.is_scm:
-            x_cf, pa_cf = self.fn.counterfactual(x, pa, dict(do), generator=self.generator)
-        else:
-            x_cf, pa_cf = self.fn(x, pa, dict(do))
-        return self._tidy(x, pa, do, x_cf, pa_cf)
-
-    def many(self, x: torch.Tensor, pa: Mapping[str, torch.Tensor], dos: Sequence[Mapping[str, Any]]) -> list:
-        if self.is_scm:
-            # one abduction of the image for every intervention, decoded in one stacked pass
-            x_cfs, pa_cfs = self.fn.counterfactual(x, pa, [dict(d) for d in dos], generator=self.generator)
-            return [self._tidy(x, pa, d, xc, pc) for d, xc, pc in zip(dos, x_cfs, pa_cfs)]
-        return [self(x, pa, d) for d in dos]
-
-    @staticmethod
-    def _tidy(x, pa, do, x_cf, pa_cf) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x_cf = torch.as_tensor(x_cf).to(device=x.device, dtype=x.dtype)
-        if x_cf.shape != x.shape:
-            raise ValueError(f"A counterfactual function returned images of shape {tuple(x_cf.shape)} for {x.shape}.")
-        result = {n: v for n, v in pa.items()}
-        result.update({n: torch.as_tensor(v).reshape(-1) for n, v in do.items()})
-        if pa_cf is not None:
-            result.update({n: torch.as_tensor(v).reshape(-1) for n, v in pa_cf.items() if n in pa})
-        return x_cf, {n: v.to(pa[n].device, pa[n].dtype) for n, v in result.items()}
-
-
-class _TensorBatches:
-    """Batches of a dictionary of arrays (images, attributes, optional ``noise``), as a re-iterable sized loader."""
-
-    def __init__(self, data: Mapping[str, Any], batch_size: int, image_key: str) -> None:
-        if image_key not in data:
-            raise ValueError(f"The test data has no '{image_key}' entry; keys: {sorted(data)}.")
-        self.data = data
-        self.batch_size = int(batch_size)
-        self.size = len(data[image_key])
-        for key, value in data.items():
-            if key == "noise":
-                lengths = {len(np.asarray(v).reshape(-1)) for k, v in value.items() if k != "patient_id"}
-                if lengths and lengths != {self.size}:
-                    raise ValueError(f"The test data's noise arrays have lengths {lengths}, the images {self.size}.")
-            elif hasattr(value, "__len__") and len(value) != self.size:
-                raise ValueError(f"Test data entry '{key}' has {len(value)} rows, '{image_key}' has {self.size}.")
-
-    def __len__(self) -> int:
-        return math.ceil(self.size / self.batch_size)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for start in range(0, self.size, self.batch_size):
-            stop = min(start + self.batch_size, self.size)
-            batch: dict[str, Any] = {}
-            for key, value in self.data.items():
-                if key == "noise":
-                    batch[key] = {k: np.asarray(v)[start:stop] for k, v in value.items()}
-                else:
-                    batch[key] = torch.as_tensor(
-                        np.asarray(value[start:stop]) if not torch.is_tensor(value) else value[start:stop]
-                    )
-            batch["_row"] = np.arange(start, stop)
-            yield batch
-
-
-class _Accumulator:
-    """Per-iteration results, kept on the CPU until the epoch completes."""
-
-    def __init__(self) -> None:
-        self.real_outputs: dict[str, list[torch.Tensor]] = {}
-        self.labels: dict[str, list[torch.Tensor]] = {}
-        self.real_features: list[torch.Tensor] = []
-        self.cf_outputs: dict[str, dict[str, dict[str, list[torch.Tensor]]]] = {}
-        self.cf_labels: dict[str, dict[str, dict[str, list[torch.Tensor]]]] = {}
-        self.cf_features: dict[str, dict[str, list[torch.Tensor]]] = {}
-        self.ground_truth: dict[str, dict[str, dict[str, list[torch.Tensor]]]] = {}
-        self.unchanged_l1: dict[str, list[torch.Tensor]] = {}
-        self.descendants: dict[str, dict[str, dict[str, list[torch.Tensor]]]] = {}
-        self.interventions: dict[str, list[torch.Tensor]] = {}
-        self.true_attributes: dict[str, dict[str, list[torch.Tensor]]] = {}
-        self.true_outputs: dict[str, dict[str, list[torch.Tensor]]] = {}
-        self.composition: dict[str, dict[int, list[torch.Tensor]]] = {}
-        self.reversibility: dict[str, dict[str, list[torch.Tensor]]] = {}
-        self.feature_rows = 0
-        self.count = 0
-
-
-def _append(store: dict, keys: Sequence[str], value: torch.Tensor) -> None:
-    for key in keys[:-1]:
-        store = store.setdefault(key, {})
-    store.setdefault(keys[-1], []).append(value.detach().cpu())
-
-
-def _cat(values: Mapping[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {k: torch.cat(v) for k, v in values.items()}
-
-
-def _mean(values: Sequence[torch.Tensor]) -> float:
-    return float(torch.cat(list(values)).double().mean()) if values else float("nan")
-
-
-def _finite_mean(values: Iterable[float]) -> float:
-    kept = [v for v in values if v is not None and math.isfinite(v)]
-    return float(np.mean(kept)) if kept else float("nan")
 
 
 class CounterfactualEvaluator(Evaluator):
@@ -400,7 +299,7 @@ class CounterfactualEvaluator(Evaluator):
         if phantom_noise is not None and phantom is None:
             raise ValueError("phantom_noise was given without the phantom that renders the true counterfactuals.")
         self.batch_size = int(batch_size)
-        loader = _TensorBatches(data, batch_size, self.image_key) if isinstance(data, Mapping) else data
+        loader = TensorBatches(data, batch_size, self.image_key) if isinstance(data, Mapping) else data
         if device is None:
             params = list(predictor.parameters())
             device = params[0].device if params else torch.device("cpu")
@@ -432,10 +331,10 @@ class CounterfactualEvaluator(Evaluator):
         self.figure_data: dict[str, Any] = {}
         self._stage_seconds: dict[str, float] = {}
         self._started = 0.0
-        self._acc = _Accumulator()
+        self._acc = EvaluationAccumulator()
         self._examples: dict[str, Any] = {}
         self._rng = np.random.default_rng(self.seed)
-        self._runners: dict[str, _CounterfactualRunner] = {}
+        self._runners: dict[str, CounterfactualRunner] = {}
         self._renderers: dict[int, Any] = {}
         self.add_event_handler(Events.STARTED, self._reset)
         self.add_event_handler(Events.EPOCH_COMPLETED, self._finalize)
@@ -451,13 +350,13 @@ class CounterfactualEvaluator(Evaluator):
             super().run(global_epoch)
 
     def _reset(self, engine: Any = None) -> None:
-        self._acc = _Accumulator()
+        self._acc = EvaluationAccumulator()
         self._examples = {}
         self._stage_seconds = {}
         self._rng = np.random.default_rng(self.seed)
         device = self.state.device or torch.device("cpu")
         generator = torch.Generator(device=device).manual_seed(self.seed)
-        self._runners = {name: _CounterfactualRunner(fn, generator) for name, fn in self.counterfactual_fns.items()}
+        self._runners = {name: CounterfactualRunner(fn, generator) for name, fn in self.counterfactual_fns.items()}
         self._started = time.perf_counter()
 
     @contextlib.contextmanager
@@ -494,9 +393,9 @@ class CounterfactualEvaluator(Evaluator):
         with self._stage("predict_real"):
             features, outputs = self._predict(x)
         for name in self.graph.attributes:
-            _append(acc.labels, [name], pa[name])
+            append_nested(acc.labels, [name], pa[name])
             if name in outputs:
-                _append(acc.real_outputs, [name], outputs[name])
+                append_nested(acc.real_outputs, [name], outputs[name])
         if keep:
             acc.real_features.append(features[:keep].detach().cpu())
 
@@ -508,7 +407,7 @@ class CounterfactualEvaluator(Evaluator):
                     pool = pa[k].cpu().numpy()
                 values = draw_intervention_values(self.graph, k, pa[k].cpu().numpy(), self._rng, pool, self.min_gap)
                 dos[k] = torch.as_tensor(values).to(device=x.device, dtype=pa[k].dtype)
-                _append(acc.interventions, [k], dos[k])
+                append_nested(acc.interventions, [k], dos[k])
 
         truth: dict[str, tuple[torch.Tensor, dict[str, np.ndarray]]] = {}
         if noise is not None:
@@ -521,14 +420,14 @@ class CounterfactualEvaluator(Evaluator):
                     image = torch.from_numpy(cf[self.image_key]).to(device=x.device, dtype=x.dtype)
                     truth[k] = (image, {n: np.asarray(cf[n]) for n in self.graph.attributes})
                     for n in self.graph.attributes:
-                        _append(acc.true_attributes, [k, n], torch.as_tensor(truth[k][1][n]))
-                    _append(acc.unchanged_l1, [k], l1_255(x, image))
+                        append_nested(acc.true_attributes, [k, n], torch.as_tensor(truth[k][1][n]))
+                    append_nested(acc.unchanged_l1, [k], l1_255(x, image))
             if self.compute_consistency:
                 with self._stage("consistency"):
                     _, true_outputs = self._predict(torch.cat([truth[k][0] for k in self.intervened]))
                     for index, k in enumerate(self.intervened):
                         for name, value in true_outputs.items():
-                            _append(acc.true_outputs, [k, name], value[index * size : (index + 1) * size])
+                            append_nested(acc.true_outputs, [k, name], value[index * size : (index + 1) * size])
 
         for cf_type, runner in self._runners.items():
             with self._stage("counterfactuals"):
@@ -538,16 +437,16 @@ class CounterfactualEvaluator(Evaluator):
             for index, (k, (x_cf, pa_cf)) in enumerate(zip(self.intervened, forward)):
                 rows = slice(index * size, (index + 1) * size)
                 for name in self.graph.attributes:
-                    _append(acc.cf_labels, [cf_type, k, name], pa_cf[name])
+                    append_nested(acc.cf_labels, [cf_type, k, name], pa_cf[name])
                     if name in cf_outputs:
-                        _append(acc.cf_outputs, [cf_type, k, name], cf_outputs[name][rows])
+                        append_nested(acc.cf_outputs, [cf_type, k, name], cf_outputs[name][rows])
                 if keep:
-                    _append(acc.cf_features, [cf_type, k], cf_features[rows][:keep])
+                    append_nested(acc.cf_features, [cf_type, k], cf_features[rows][:keep])
                 if k in truth:
                     with self._stage("ground_truth"):
                         true_image, true_attributes = truth[k]
                         for metric, values in image_similarity(x_cf, true_image).items():
-                            _append(acc.ground_truth, [k, cf_type, metric], values)
+                            append_nested(acc.ground_truth, [k, cf_type, metric], values)
                         for d in sorted(self.graph.descendants([k])):
                             true_d = torch.as_tensor(true_attributes[d])
                             model_d = pa_cf[d].detach().cpu()
@@ -555,16 +454,16 @@ class CounterfactualEvaluator(Evaluator):
                                 agreement = (model_d.long() == true_d.long()).double()
                             else:
                                 agreement = (model_d.double() - true_d.double()).abs()
-                            _append(acc.descendants, [k, cf_type, d], agreement)
+                            append_nested(acc.descendants, [k, cf_type, d], agreement)
             if self.composition_cycles:
                 with self._stage("composition"):
                     for m, distance in composition_distances(runner, x, pa, self.composition_cycles).items():
-                        _append(acc.composition, [cf_type, str(m)], distance)
+                        append_nested(acc.composition, [cf_type, str(m)], distance)
             if self.compute_reversibility:
                 with self._stage("reversibility"):
                     for k, result in zip(self.intervened, forward):
                         distance = reversibility_distances(runner, x, pa, {k: dos[k]}, forward=result)
-                        _append(acc.reversibility, [k, cf_type], distance)
+                        append_nested(acc.reversibility, [k, cf_type], distance)
             if first_batch and self.num_examples > 0:
                 n = min(self.num_examples, size)
                 self._examples.setdefault("counterfactuals", {})[cf_type] = {
@@ -583,18 +482,7 @@ class CounterfactualEvaluator(Evaluator):
         acc.count += size
 
     def _predict(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        features, outputs = [], []
-        for start in range(0, x.shape[0], _PREDICT_CHUNK):
-            chunk = x[start : start + _PREDICT_CHUNK]
-            feat = self.predictor.features(chunk)
-            if hasattr(self.predictor, "heads_from_features"):
-                out = self.predictor.heads_from_features(feat)
-            else:
-                out = self.predictor(chunk)
-            features.append(feat.detach())
-            outputs.append({k: v.detach() for k, v in out.items()})
-        merged = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
-        return torch.cat(features), merged
+        return predict_in_chunks(self.predictor, x)
 
     def _renderer(self, x: torch.Tensor) -> Any:
         if self.phantom is None:
@@ -615,14 +503,14 @@ class CounterfactualEvaluator(Evaluator):
         if self.image_key not in batch:
             raise ValueError(f"A test batch has no '{self.image_key}' entry; keys: {sorted(batch)}.")
         x = batch[self.image_key]
-        x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
-        x = x.to(self.state.device).float()
+        x = convert_to_tensor(x, track_meta=False, wrap_sequence=True).to(self.state.device).float()
         pa = {}
         for name in self.graph.attributes:
             if name not in batch:
                 raise ValueError(f"A test batch lacks attribute '{name}'; keys: {sorted(batch)}.")
             value = batch[name]
-            value = value.as_tensor() if hasattr(value, "as_tensor") else torch.as_tensor(np.asarray(value))
+            # a list of Python numbers goes through NumPy, as before: float64 before the cast, not float32
+            value = convert_to_tensor(value if torch.is_tensor(value) else np.asarray(value), track_meta=False)
             dtype = torch.long if self.graph[name].is_discrete else torch.float32
             pa[name] = value.reshape(-1).to(device=self.state.device, dtype=dtype)
             if pa[name].numel() != x.shape[0]:
@@ -631,11 +519,11 @@ class CounterfactualEvaluator(Evaluator):
         if not with_noise:
             pass
         elif "noise" in batch and isinstance(batch["noise"], Mapping) and self.phantom is not None:
-            noise = {k: _numpy(v) for k, v in batch["noise"].items() if k != "patient_id"}
+            noise = {k: to_numpy(v) for k, v in batch["noise"].items() if k != "patient_id"}
         elif self.phantom_noise is not None:
             if self.row_key not in batch:
                 raise ValueError(f"phantom_noise is given but a test batch has no '{self.row_key}' to look it up by.")
-            rows = _numpy(batch[self.row_key]).astype(np.int64).reshape(-1) - self.row_base
+            rows = to_numpy(batch[self.row_key]).astype(np.int64).reshape(-1) - self.row_base
             size = len(self.phantom_noise["u_sex"])
             if rows.min() < 0 or rows.max() >= size:
                 raise ValueError(f"Rows {rows.tolist()[:5]}... fall outside the {size} rows of phantom_noise.")
@@ -648,42 +536,33 @@ class CounterfactualEvaluator(Evaluator):
         records = getattr(getattr(data, "dataset", None), "data", None)
         for k in continuous:
             if isinstance(data, Mapping) and k in data:
-                result[k] = _numpy(data[k]).astype(np.float64).reshape(-1)
+                result[k] = to_numpy(data[k]).astype(np.float64).reshape(-1)
             elif isinstance(records, Sequence) and records and isinstance(records[0], Mapping) and k in records[0]:
                 result[k] = np.asarray([float(r[k]) for r in records])
         return result
+
+    def _check_observational(self, data: Mapping[str, Sequence[float]] | None) -> dict[str, np.ndarray] | None:
+        if data is None:
+            return None
+        missing = [n for n in self.graph.attributes if n not in data]
+        if missing:
+            raise ValueError(f"observational_data lacks attributes {missing}; it has {sorted(data)}.")
+        arrays = {n: to_numpy(data[n]).reshape(-1) for n in self.graph.attributes}
+        sizes = {n: v.size for n, v in arrays.items()}
+        if len(set(sizes.values())) != 1 or not next(iter(sizes.values())):
+            raise ValueError(f"observational_data needs one value per row for every attribute, got sizes {sizes}.")
+        return arrays
 
     # ------------------------------------------------------------------------------------------ the metrics
     def _finalize(self, engine: Any = None) -> None:
         acc = self._acc
         if acc.count == 0:
             raise ValueError("The test data gave no batch to evaluate.")
-        labels = _cat(acc.labels)
-        real_outputs = _cat(acc.real_outputs)
+        labels = cat_values(acc.labels)
+        real_outputs = cat_values(acc.real_outputs)
         cf_types = list(self.counterfactual_fns)
         with self._stage("effectiveness"):
-            baseline = attribute_performance(self.graph, real_outputs, labels)
-            effectiveness: dict[str, dict[str, dict[str, float]]] = {}
-            logit_detail: dict[str, dict[str, dict[str, float]]] = {}
-            signed_detail: dict[str, dict[str, dict[str, float]]] = {}
-            for k in self.intervened:
-                effectiveness[k], logit_detail[k], signed_detail[k] = {}, {}, {}
-                for cf_type in cf_types:
-                    cf_outputs = _cat(acc.cf_outputs[cf_type][k])
-                    cf_labels = _cat(acc.cf_labels[cf_type][k])
-                    effectiveness[k][cf_type] = attribute_performance(self.graph, cf_outputs, cf_labels)
-                    logit_detail[k][cf_type] = logit_shift(self.graph, k, real_outputs, cf_outputs, labels)
-                    signed_detail[k][cf_type] = logit_shift(self.graph, k, real_outputs, cf_outputs, labels, True)
-            amp, amp_detail = amplification(self.graph, baseline, effectiveness)
-            amp_continuous, amp_continuous_detail = continuous_amplification(self.graph, baseline, effectiveness)
-            excess = effectiveness_excess(self.graph, baseline, effectiveness)
-            logit_summary, signed_summary = (
-                {
-                    cf_type: _finite_mean(v for k in self.intervened for v in detail[k][cf_type].values())
-                    for cf_type in cf_types
-                }
-                for detail in (logit_detail, signed_detail)
-            )
+            effectiveness = effectiveness_results(self.graph, acc, self.intervened, cf_types, labels, real_outputs)
         results: dict[str, Any] = {
             "config": {
                 "num_samples": acc.count,
@@ -696,39 +575,53 @@ class CounterfactualEvaluator(Evaluator):
                 "min_gap": self.min_gap,
                 "composition_cycles": self.composition_cycles,
             },
-            "baseline": baseline,
-            "effectiveness": effectiveness,
-            "amplification": amp,
-            "amplification_detail": amp_detail,
-            "amplification_continuous": amp_continuous,
-            "amplification_continuous_detail": amp_continuous_detail,
-            "effectiveness_excess": excess,
-            "logit_shift": logit_summary,
-            "logit_shift_detail": logit_detail,
-            "label_logit_shift": signed_summary,
-            "label_logit_shift_detail": signed_detail,
-            "composition": {
-                cf_type: {m: _mean(v) for m, v in acc.composition.get(cf_type, {}).items()} for cf_type in cf_types
-            },
-            "reversibility": {
-                k: {cf_type: _mean(v) for cf_type, v in by_type.items()} for k, by_type in acc.reversibility.items()
-            },
-            "ground_truth": self._ground_truth_results(),
+            **effectiveness,
+            "composition": composition_results(acc, cf_types),
+            "reversibility": reversibility_results(acc),
+            "ground_truth": ground_truth_results(acc),
         }
-        results["faithfulness"] = self._faithfulness_results(results["ground_truth"], cf_types)
+        results["faithfulness"] = faithfulness_results(acc, results["ground_truth"], cf_types)
         if self.compute_consistency:
             with self._stage("consistency"):
-                results["consistency"] = self._consistency_results(labels, real_outputs)
+                results["consistency"] = consistency_results(
+                    self.graph,
+                    acc,
+                    self.intervened,
+                    cf_types,
+                    labels,
+                    real_outputs,
+                    self.observational_data,
+                    self.consistency_bins,
+                    self.seed,
+                )
         with self._stage("embedding_shift"):
-            results["embedding_shift"] = self._embedding_results(labels)
+            results["embedding_shift"], embedding_figure = embedding_results(
+                self.graph, acc, self.intervened, cf_types, labels, self.num_modes, self.seed
+            )
+            if embedding_figure is not None:
+                self.figure_data["embedding"] = embedding_figure
         with self._stage("realism"):
-            results["realism"] = self._realism_results()
+            results["realism"] = realism_results(acc, self.intervened, cf_types)
         if self.utility_data is not None:
             with self._stage("utility"):
-                results["utility"] = self._utility_results()
+                images, attributes = collect_dataset(self.utility_data, self.image_key, self.graph, self.batch_size)
+                results["utility"] = utility_results(
+                    self.graph,
+                    images,
+                    attributes,
+                    self._runners,
+                    self._test_batches(),
+                    self.train_predictor_fn,
+                    self.intervened,
+                    self.intervention_pool,
+                    self.min_gap,
+                    self.seed,
+                    self.batch_size,
+                    self.state.device,
+                )
         else:
             results["utility"] = None
-        self.figure_data["examples"] = self._example_data()
+        self.figure_data["examples"] = example_figure_data(self.graph, self._examples)
         results["timing"] = {
             "total_s": time.perf_counter() - self._started,
             "stages": dict(self._stage_seconds),
@@ -742,277 +635,11 @@ class CounterfactualEvaluator(Evaluator):
         logger.info(
             "Counterfactual evaluation of %d samples: amplification %s",
             acc.count,
-            {k: round(v, 4) for k, v in amp.items()},
+            {k: round(v, 4) for k, v in results["amplification"].items()},
         )
 
-    def _ground_truth_results(self) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for k, by_type in self._acc.ground_truth.items():
-            result[k] = {}
-            for cf_type, metrics in by_type.items():
-                entry: dict[str, Any] = {m: _mean(v) for m, v in metrics.items()}
-                descendants = self._acc.descendants.get(k, {}).get(cf_type, {})
-                if descendants:
-                    entry["descendants"] = {d: _mean(v) for d, v in descendants.items()}
-                result[k][cf_type] = entry
-        return result
-
-    def _faithfulness_results(self, ground_truth: Mapping[str, Any], cf_types: Sequence[str]) -> dict[str, Any]:
-        """Truth gain per intervention and CF type against the unchanged image's distance to the truth."""
-        if not ground_truth:
-            return {}
-        unchanged = {k: _mean(v) for k, v in self._acc.unchanged_l1.items()}
-        gains = {
-            k: {c: truth_gain(entry["l1"], unchanged.get(k, float("nan"))) for c, entry in by_type.items()}
-            for k, by_type in ground_truth.items()
-        }
-        return {
-            "unchanged_l1": unchanged,
-            "truth_gain": gains,
-            "truth_gain_mean": {c: _finite_mean(gains[k].get(c, float("nan")) for k in gains) for c in cf_types},
-        }
-
-    def _check_observational(self, data: Mapping[str, Sequence[float]] | None) -> dict[str, np.ndarray] | None:
-        if data is None:
-            return None
-        missing = [n for n in self.graph.attributes if n not in data]
-        if missing:
-            raise ValueError(f"observational_data lacks attributes {missing}; it has {sorted(data)}.")
-        arrays = {n: _numpy(data[n]).reshape(-1) for n in self.graph.attributes}
-        sizes = {n: v.size for n, v in arrays.items()}
-        if len(set(sizes.values())) != 1 or not next(iter(sizes.values())):
-            raise ValueError(f"observational_data needs one value per row for every attribute, got sizes {sizes}.")
-        return arrays
-
-    def _consistency_results(
-        self, labels: Mapping[str, torch.Tensor], real_outputs: Mapping[str, torch.Tensor]
-    ) -> dict[str, Any]:
-        acc = self._acc
-        observational = self.observational_data or {n: v.numpy() for n, v in labels.items()}
-        truth = None
-        if acc.true_attributes:
-            truth = {
-                k: {n: torch.cat(v).numpy() for n, v in by_name.items()} for k, by_name in acc.true_attributes.items()
-            }
-        cf_types = list(self.counterfactual_fns)
-        return counterfactual_consistency(
-            self.graph,
-            observational,
-            {n: v.numpy() for n, v in labels.items()},
-            {k: torch.cat(v).numpy() for k, v in acc.interventions.items()},
-            real_outputs,
-            {c: {k: _cat(acc.cf_outputs[c][k]) for k in self.intervened} for c in cf_types},
-            {
-                c: {k: {n: v.numpy() for n, v in _cat(acc.cf_labels[c][k]).items()} for k in self.intervened}
-                for c in cf_types
-            },
-            truth=truth,
-            truth_outputs={k: _cat(v) for k, v in acc.true_outputs.items()} or None,
-            num_bins=self.consistency_bins,
-            seed=self.seed,
-        )
-
-    def _embedding_results(self, labels: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        acc = self._acc
-        if not acc.real_features:
-            return {}
-        real_features = torch.cat(acc.real_features)
-        n = real_features.shape[0]
-        if n < 3:
-            return {}
-        # the metric uses the leading num_modes; the figures may show a later mode that separates an attribute
-        pca = EmbeddingPCA(max(self.num_modes, _FIGURE_MODES), seed=self.seed).fit(real_features)
-        real_all = pca.transform(real_features)
-        real = real_all[:, : self.num_modes]
-        cf_types = list(self.counterfactual_fns)
-        projections_all = {
-            cf_type: {k: pca.transform(torch.cat(acc.cf_features[cf_type][k])) for k in self.intervened}
-            for cf_type in cf_types
-        }
-        projections = {c: {k: v[:, : self.num_modes] for k, v in by_do.items()} for c, by_do in projections_all.items()}
-        shifts: dict[str, Any] = {}
-        collected: dict[str, list[float]] = {cf_type: [] for cf_type in cf_types}
-        cf_groups: dict[str, dict[str, dict[str, np.ndarray]]] = {}  # attribute -> cf type -> k -> subgroups
-        for k in self.intervened:
-            shifts[k] = {}
-            targets = [j for j in self.graph.image_parents if j in self.graph.soft_target_set([k])]
-            targets = [j for j in targets if self.graph[j].is_discrete]
-            for cf_type in cf_types:
-                shifts[k][cf_type] = {}
-                cf_labels = _cat(acc.cf_labels[cf_type][k])
-                for j in targets:
-                    names = self.graph[j].class_names
-                    groups = cf_labels[j][:n].numpy()
-                    by_group = subgroup_shift(real, projections[cf_type][k], labels[j][:n].numpy(), groups, len(names))
-                    shifts[k][cf_type][j] = {
-                        names[g]: {"modes": values, "mean": float(np.mean(values))} for g, values in by_group.items()
-                    }
-                    collected[cf_type] += [float(np.mean(v)) for v in by_group.values()]
-                    cf_groups.setdefault(j, {}).setdefault(cf_type, {})[k] = groups
-        modes, figure = {}, {}
-        for j, by_type in cf_groups.items():
-            names = list(self.graph[j].class_names)
-            real_groups = labels[j][:n].numpy()
-            mode, eta2 = separating_mode(real_all, real_groups)
-            modes[j] = {"mode": mode + 1, "eta2": eta2}
-            figure[j] = {
-                "real": real_all[:, mode],
-                "real_groups": real_groups,
-                "group_names": names,
-                "mode": mode + 1,
-                "eta2": eta2,
-                "counterfactuals": {},
-                "distances": {},
-            }
-            for cf_type, by_do in by_type.items():
-                for k, groups in by_do.items():
-                    values = projections_all[cf_type][k][:, mode]
-                    figure[j]["counterfactuals"].setdefault(cf_type, {})[f"do({k})"] = (values, groups)
-                    by_group = subgroup_shift(
-                        real_all[:, mode : mode + 1], values[:, None], real_groups, groups, len(names)
-                    )
-                    figure[j]["distances"].setdefault(cf_type, {})[f"do({k})"] = {g: v[0] for g, v in by_group.items()}
-        self.figure_data["embedding"] = figure
-        return {
-            "num_samples": n,
-            "explained_variance_ratio": pca.explained_variance_ratio[: self.num_modes],
-            "mean": {cf_type: _finite_mean(v) for cf_type, v in collected.items()},
-            "figure_modes": modes,
-            "shifts": shifts,
-        }
-
-    def _realism_results(self) -> dict[str, Any]:
-        acc = self._acc
-        if not acc.real_features:
-            return {}
-        real = torch.cat(acc.real_features)
-        half = real.shape[0] // 2
-        by_do = {
-            k: {
-                cf_type: frechet_distance(real, torch.cat(acc.cf_features[cf_type][k]))
-                for cf_type in self.counterfactual_fns
-            }
-            for k in self.intervened
-        }
-        pooled = {
-            cf_type: frechet_distance(
-                real, torch.cat([torch.cat(acc.cf_features[cf_type][k]) for k in self.intervened])
-            )
-            for cf_type in self.counterfactual_fns
-        }
-        return {
-            "num_samples": int(real.shape[0]),
-            "fid": pooled,
-            "fid_by_intervention": by_do,
-            # two halves of the real set: the value sampling noise alone gives at this size
-            "fid_real_halves": frechet_distance(real[:half], real[half:]),
-        }
-
-    def _utility_results(self) -> dict[str, Any]:
-        images, attributes = _collect(self.utility_data, self.image_key, self.graph, self.batch_size)
-        rng = np.random.default_rng(self.seed + 1)
-        predictors: dict[tuple[str, str], nn.Module] = {("real", "real"): self.train_predictor_fn(images, attributes)}
-        for k in self.intervened:
-            pool = self.intervention_pool.get(k, attributes[k].numpy())
-            values = torch.as_tensor(
-                draw_intervention_values(self.graph, k, attributes[k].numpy(), rng, pool, self.min_gap)
-            ).to(attributes[k].dtype)
-            for cf_type, runner in self._runners.items():
-                cf_images, cf_attributes = [], {n: [] for n in self.graph.attributes}
-                with eval_mode(*runner.modules):
-                    for start in range(0, images.shape[0], self.batch_size):
-                        rows = slice(start, start + self.batch_size)
-                        x = images[rows].to(self.state.device)
-                        pa = {n: v[rows].to(self.state.device) for n, v in attributes.items()}
-                        x_cf, pa_cf = runner(x, pa, {k: values[rows].to(self.state.device)})
-                        cf_images.append(x_cf.cpu())
-                        for n in self.graph.attributes:
-                            cf_attributes[n].append(pa_cf[n].cpu())
-                predictors[(k, cf_type)] = self.train_predictor_fn(
-                    torch.cat(cf_images), {n: torch.cat(v) for n, v in cf_attributes.items()}
-                )
-        outputs: dict[tuple[str, str], dict[str, list[torch.Tensor]]] = {key: {} for key in predictors}
-        labels: dict[str, list[torch.Tensor]] = {}
-        with eval_mode(*predictors.values()):
-            for batch in self.data_loader:
-                x, pa, _ = self._parse_batch(batch, with_noise=False)
-                for name in self.graph.attributes:
-                    _append(labels, [name], pa[name])
-                for key, predictor in predictors.items():
-                    for name, value in predictor(x).items():
-                        _append(outputs[key], [name], value)
-        labels_cat = _cat(labels)
-        performance = {key: attribute_performance(self.graph, _cat(out), labels_cat) for key, out in outputs.items()}
-        return {
-            "num_train_samples": int(images.shape[0]),
-            "baseline": performance[("real", "real")],
-            "by_training_set": {
-                k: {cf_type: performance[(k, cf_type)] for cf_type in self.counterfactual_fns} for k in self.intervened
-            },
-        }
-
-    def _example_data(self) -> dict[str, Any]:
-        ex = self._examples
-        if "images" not in ex:
-            return {}
-        n = ex["images"].shape[0]
-
-        def describe(values: Mapping[str, torch.Tensor], i: int) -> str:
-            parts = []
-            for name in self.graph.attributes:
-                value = values[name][i]
-                parts.append(
-                    self.graph[name].class_names[int(value)] if self.graph[name].is_discrete else f"{float(value):.0f}"
-                )
-            half = (len(parts) + 1) // 2  # two lines, so the label fits above a small panel
-            return ", ".join(parts[:half]) + "\n" + ", ".join(parts[half:])
-
-        titles: dict[str, dict[str, list[str]]] = {}
-        for cf_type, by_do in ex["labels"].items():
-            titles[cf_type] = {}
-            for k, values in by_do.items():
-                row = []
-                for i in range(n):
-                    value = values[k][i]
-                    shown = (
-                        self.graph[k].class_names[int(value)] if self.graph[k].is_discrete else f"{float(value):.0f}"
-                    )
-                    changed = [
-                        d
-                        for d in sorted(self.graph.descendants([k]))
-                        if float(values[d][i]) != float(ex["factual"][d][i])
-                    ]
-                    row.append(f"do({k}={shown})" + (f"\n{', '.join(changed)} changed" if changed else ""))
-                titles[cf_type][f"do({k})"] = row
-        return {
-            "images": ex["images"],
-            "row_labels": [describe(ex["factual"], i) for i in range(n)],
-            "counterfactuals": {
-                cf_type: {f"do({k})": v for k, v in by_do.items()} for cf_type, by_do in ex["counterfactuals"].items()
-            },
-            "panel_titles": titles,
-            "truth": {f"do({k})": v for k, v in ex.get("truth", {}).items()},
-        }
-
-
-def _numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
-def _collect(
-    data: Iterable | Mapping[str, Any], image_key: str, graph: CausalGraph, batch_size: int
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """All images and canonical attributes of a dataset, on the CPU (the utility stage trains on them)."""
-    loader = _TensorBatches(data, batch_size, image_key) if isinstance(data, Mapping) else data
-    images, attributes = [], {n: [] for n in graph.attributes}
-    for batch in loader:
-        x = batch[image_key]
-        images.append((x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)).float().cpu())
-        for name in graph.attributes:
-            value = torch.as_tensor(_numpy(batch[name])).reshape(-1)
-            attributes[name].append(value.long() if graph[name].is_discrete else value.float())
-    if not images:
-        raise ValueError("utility_data gave no batch.")
-    return torch.cat(images), {n: torch.cat(v) for n, v in attributes.items()}
+    def _test_batches(self) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """The test batches' images and attributes, without noise (a generator: loads only when iterated)."""
+        for batch in self.data_loader:
+            x, pa, _ = self._parse_batch(batch, with_noise=False)
+            yield x, pa

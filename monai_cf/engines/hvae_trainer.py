@@ -23,8 +23,9 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 from torch.utils.data import DataLoader
 
-from monai_cf.engines.optimizers import OptimizerFactory, build_optimizer, optimizer_params
+from monai_cf.engines.optimizers import OptimizerFactory
 from monai_cf.engines.runtime import tune_cpu_allocator
+from monai_cf.engines.trainer_factory import attach_stage_handlers, create_optimizer, training_device, world_size
 from monai_cf.engines.utils import (
     CounterfactualPrepareBatch,
     IterationSeeder,
@@ -32,13 +33,11 @@ from monai_cf.engines.utils import (
     OutputSummary,
     create_warmup_scheduler,
     derive_seed,
-    fused_optimizer_kwargs,
     guarded_optimizer_step,
     is_distributed,
     lower_is_better,
-    setup_training_handlers,
 )
-from monai_cf.handlers.ema import EMAHandler, ExponentialMovingAverage, unwrap_module
+from monai_cf.handlers.ema import EMAUpdateHandler, ExponentialMovingAverage, unwrap_module
 from monai_cf.networks.nets.diffusion import DiffusionImageMechanism
 from monai_cf.networks.nets.hvae import HVAE
 from monai_cf.networks.nets.image_mechanism import is_image_mechanism
@@ -275,7 +274,7 @@ class HVAETrainer(Trainer):
         self.state.step_skipped = False
         self.state_dict_user_keys.append("skipped_updates")
         if self.ema is not None:
-            EMAHandler(self.ema, image_model).attach(self)
+            EMAUpdateHandler(self.ema, image_model).attach(self)
         if decollate:
             OutputSummary(self.output_keys).attach(self)
         if seed is not None:
@@ -619,20 +618,16 @@ def build_image_trainer(
     missing = sorted(set(IMAGE_TRAINER_OPTIONS) - set(options))
     if missing:
         raise ValueError(f"build_image_trainer options lack {missing}.")
-    device = options["device"]
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = training_device(options["device"])
     image_model, _ = resolve_image_model(network, trainer_class.image_model_types)
     network = network.to(device)
-    optimizer = build_optimizer(
+    optimizer = create_optimizer(
         options["optimizer"],
         image_model.parameters(),
-        lambda parameters: torch.optim.AdamW(
-            parameters,
-            lr=options["lr"],
-            betas=tuple(options["betas"]),
-            weight_decay=options["weight_decay"],
-            **fused_optimizer_kwargs(device),
-        ),
+        options["lr"],
+        options["weight_decay"],
+        betas=options["betas"],
+        fused_on=device,
     )
     trainer = trainer_class(
         device=device,
@@ -643,28 +638,28 @@ def build_image_trainer(
         **dict(trainer_kwargs or {}),
     )
     trainer.evaluator = None if val_loader is None else trainer.create_evaluator(val_loader, seed=options["seed"])
-    tracked = {
+    stage_params = {
         "stage": stage,
         **{
             name: options[name] for name in ("lr", "weight_decay", "warmup_steps", "grad_clip", "grad_skip", "ema_rate")
         },
         "betas": tuple(options["betas"]),
         "ema_warmup": f"{options['ema_warmup']}:{options['ema_warmup_steps']}",
-        **optimizer_params(optimizer, options["optimizer"]),
         **dict(params or {}),
         "batch_size": getattr(train_loader, "batch_size", None),
         "num_parameters": sum(p.numel() for p in image_model.parameters()),
         "seed": options["seed"],
-        "world_size": torch.distributed.get_world_size() if is_distributed() else 1,
+        "world_size": world_size(),
     }
-    tracked.update(handler_kwargs.pop("tracking_params", None) or {})
-    trainer.attached_handlers = setup_training_handlers(
+    attach_stage_handlers(
         trainer,
         trainer.checkpoint_dict(),
         output_dir,
+        stage_params,
+        optimizer,
+        options["optimizer"],
+        handler_kwargs,
         evaluator=trainer.evaluator,
         key_metric_negative_sign=True,
-        tracking_params=tracked,
-        **handler_kwargs,
     )
     return trainer

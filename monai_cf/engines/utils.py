@@ -42,7 +42,8 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from monai_cf.data.encoding import AttributeEncoder
 from monai_cf.graph import CausalGraph
-from monai_cf.handlers.tracking import BEST_CHECKPOINT, AtomicCheckpointSaver, check_tracking_uri, latest_checkpoint
+from monai_cf.handlers.checkpoint import BEST_CHECKPOINT, AtomicCheckpointSaver, latest_checkpoint
+from monai_cf.handlers.tracking import check_tracking_uri
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events

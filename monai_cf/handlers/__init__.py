@@ -8,11 +8,18 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Ignite handlers of monai_cf: EMA weights, atomic checkpoints and run tracking helpers."""
+"""Ignite handlers of monai_cf: EMA weights, atomic checkpoints, evaluation reports and MLflow tracking URIs."""
 
 from __future__ import annotations
 
-from .ema import EMA_WARMUPS, EMAHandler, ExponentialMovingAverage, unwrap_module
+from .checkpoint import (
+    BEST_CHECKPOINT,
+    CHECKPOINT_PREFIX,
+    AtomicCheckpointSaver,
+    checkpoint_iteration,
+    latest_checkpoint,
+)
+from .ema import EMA_WARMUPS, EMAUpdateHandler, ExponentialMovingAverage, unwrap_module
 from .report import (
     CounterfactualReportWriter,
     flatten_results,
@@ -23,11 +30,4 @@ from .report import (
     write_evaluation_outputs,
     write_metrics_json,
 )
-from .tracking import (
-    BEST_CHECKPOINT,
-    CHECKPOINT_PREFIX,
-    AtomicCheckpointSaver,
-    check_tracking_uri,
-    checkpoint_iteration,
-    latest_checkpoint,
-)
+from .tracking import check_tracking_uri

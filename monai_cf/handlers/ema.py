@@ -26,7 +26,7 @@ else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
     Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
-__all__ = ["EMA_WARMUPS", "ExponentialMovingAverage", "EMAHandler", "unwrap_module"]
+__all__ = ["EMA_WARMUPS", "ExponentialMovingAverage", "EMAUpdateHandler", "unwrap_module"]
 
 #: Decay schedules :class:`ExponentialMovingAverage` accepts.
 EMA_WARMUPS = ("inverse", "tf", "none")
@@ -148,7 +148,7 @@ class ExponentialMovingAverage(nn.Module):
         return f"rate={self.rate}, warmup={self.warmup!r}, warmup_steps={self.warmup_steps}, updates={self.num_updates}"
 
 
-class EMAHandler:
+class EMAUpdateHandler:
     """Ignite handler that updates an :class:`ExponentialMovingAverage` after each optimiser step.
 
     It runs on MONAI's ``IterationEvents.MODEL_COMPLETED`` (fired inside the iteration, after the optimiser
@@ -156,6 +156,10 @@ class EMAHandler:
     engines that do not fire it, pass ``event=Events.ITERATION_COMPLETED``. Iterations whose update was skipped
     (``engine.state.step_skipped`` true, see :func:`monai_cf.engines.guarded_optimizer_step`) leave the average
     alone.
+
+    Ignite's ``ignite.handlers.EMAHandler`` keeps an average model of its own with one momentum schedule; this
+    handler updates a given :class:`ExponentialMovingAverage` (inverse/tf/no warm-up, its own copy phase, saved in
+    the checkpoints with the model), hence another name.
 
     Args:
         ema: the average to update.
@@ -165,7 +169,7 @@ class EMAHandler:
     Example::
 
         ema = ExponentialMovingAverage(network, rate=0.999)
-        EMAHandler(ema).attach(trainer)  # a MONAI SupervisedTrainer
+        EMAUpdateHandler(ema).attach(trainer)  # a MONAI SupervisedTrainer
     """
 
     def __init__(self, ema: ExponentialMovingAverage, model: nn.Module | None = None, event: Any = None) -> None:
@@ -177,7 +181,9 @@ class EMAHandler:
         if self.model is None:
             self.model = getattr(engine, "network", None)
             if self.model is None:
-                raise ValueError("EMAHandler needs a model: pass model=..., or attach it to an engine with .network.")
+                raise ValueError(
+                    "EMAUpdateHandler needs a model: pass model=..., or attach it to an engine with .network."
+                )
         engine.add_event_handler(self.event, self)
 
     def __call__(self, engine: Engine) -> None:

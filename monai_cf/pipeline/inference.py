@@ -28,6 +28,7 @@ from monai_cf.data import IMAGE_SUFFIXES as FORMAT_SUFFIXES
 from monai_cf.data import AttributeEncoder, load_csv_datalist, load_image_transforms
 from monai_cf.engines.cft_targets import CFT_MODES
 from monai_cf.engines.runtime import tune_cpu_allocator
+from monai_cf.engines.trainer_factory import training_device
 from monai_cf.graph import CausalGraph
 from monai_cf.networks import DeepSCM
 from monai_cf.networks.nets import AttributePredictor, DiffusionGuidance, DiffusionImageMechanism
@@ -164,7 +165,7 @@ class CounterfactualInference:
         self.models_dir = Path(models_dir)
         self.input = Path(input)
         self.output_dir = Path(output_dir)
-        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = training_device(device)
         tune_cpu_allocator(self.device)
         self.batch_size = int(batch_size)
         self.overwrite = overwrite if isinstance(overwrite, bool) else str(overwrite).lower() == "true"

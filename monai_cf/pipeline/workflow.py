@@ -54,7 +54,8 @@ from monai_cf.engines.optimizers import check_factory, describe_factory
 from monai_cf.engines.part_trainers import AttributeTable
 from monai_cf.engines.utils import ResumableDistributedSampler, process_rank
 from monai_cf.graph import CausalGraph
-from monai_cf.handlers.tracking import BEST_CHECKPOINT, check_tracking_uri
+from monai_cf.handlers.checkpoint import BEST_CHECKPOINT
+from monai_cf.handlers.tracking import check_tracking_uri
 from monai_cf.networks import DeepSCM
 from monai_cf.networks.nets import AttributePredictor
 

@@ -17,7 +17,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from monai_cf.handlers import EMAHandler, ExponentialMovingAverage
+from monai_cf.handlers import EMAUpdateHandler, ExponentialMovingAverage
 
 
 def _linear(value: float) -> nn.Module:
@@ -87,7 +87,7 @@ def test_handler_skips_flagged_iterations():
                 model.weight.add_(1.0)
 
     engine = Engine(step)
-    EMAHandler(ema, model, event=Events.ITERATION_COMPLETED).attach(engine)
+    EMAUpdateHandler(ema, model, event=Events.ITERATION_COMPLETED).attach(engine)
     engine.run(["go", "skip", "go"], max_epochs=1)
     # updates after weights 1 and 2: 0.5 * 0 + 0.5 * 1 = 0.5, then 0.5 * 0.5 + 0.5 * 2 = 1.25; the skip did nothing
     assert ema.num_updates == 2
