@@ -24,27 +24,19 @@ from .cft_targets import (
     sample_interventions,
 )
 from .diffusion_trainer import DIFFUSION_OUTPUT_KEYS, DiffusionEvaluator, DiffusionTrainer, create_diffusion_trainer
-from .evaluator import CounterfactualEvaluator, train_attribute_predictor
+from .distributed import is_distributed
+from .evaluator import CounterfactualEvaluator
 from .hvae_trainer import HVAE_OUTPUT_KEYS, HVAEEvaluator, HVAETrainer, build_image_trainer, create_hvae_trainer
 from .mechanism_trainer import AttributeTable, MechanismLikelihood, attribute_loader, create_mechanism_trainer
-from .predictor_trainer import AttributeMetrics, attribute_auc, create_predictor_trainer
-from .runtime import tune_cpu_allocator
-from .utils import (
-    AttributePrepareBatch,
-    CounterfactualBatch,
-    CounterfactualPrepareBatch,
+from .optimizers import create_warmup_scheduler, fused_optimizer_kwargs, guarded_optimizer_step
+from .predictor_trainer import AttributeMetrics, attribute_auc, create_predictor_trainer, train_attribute_predictor
+from .prepare_batch import AttributePrepareBatch, CounterfactualBatch, CounterfactualPrepareBatch
+from .reproducibility import (
     IterationSeeder,
-    LinearWarmup,
-    MeanMetric,
-    OutputSummary,
     ResumableDistributedSampler,
     SkipSeenBatches,
     create_data_loader,
-    create_warmup_scheduler,
     derive_seed,
-    fused_optimizer_kwargs,
-    guarded_optimizer_step,
-    is_distributed,
-    lower_is_better,
-    setup_training_handlers,
 )
+from .runtime import tune_cpu_allocator
+from .training_handlers import MeanMetric, OutputSummary, lower_is_better, setup_training_handlers

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from monai.engines.utils import IterationEvents
+from monai.utils import convert_to_tensor
 from torch import nn
 
 from monai_cf.engines.cft_targets import (
@@ -29,10 +30,11 @@ from monai_cf.engines.cft_targets import (
     cft_targets,
     sample_interventions,
 )
+from monai_cf.engines.distributed import is_distributed
 from monai_cf.engines.hvae_trainer import HVAETrainer, model_inputs, resolve_image_model
-from monai_cf.engines.optimizers import OptimizerFactory
+from monai_cf.engines.optimizers import OptimizerFactory, guarded_optimizer_step
 from monai_cf.engines.trainer_factory import attach_stage_handlers, create_optimizer, training_device, world_size
-from monai_cf.engines.utils import OutputSummary, guarded_optimizer_step, is_distributed
+from monai_cf.engines.training_handlers import OutputSummary
 from monai_cf.losses import AttributeLoss
 from monai_cf.networks.nets.mechanisms import counterfactual_all
 from monai_cf.networks.nets.predictor import AttributePredictor
@@ -318,12 +320,13 @@ def measure_nelbo(
         for index, batchdata in enumerate(data_loader):
             if max_batches is not None and index >= max_batches:
                 break
-            image = torch.as_tensor(batchdata["image"]).to(device, torch.float32)
+            image = convert_to_tensor(batchdata["image"], track_meta=False).to(device, torch.float32)
             if scm is not None:
                 attributes = {n: batchdata[n] for n in scm.graph.attributes}
                 terms = scm.elbo(image, attributes)
             else:
-                terms = image_model.elbo(image * 2.0 - 1.0, torch.as_tensor(batchdata["pa"]).to(device))
+                pa = convert_to_tensor(batchdata["pa"], track_meta=False).to(device)
+                terms = image_model.elbo(image * 2.0 - 1.0, pa)
             total += float(terms["nelbo"]) * image.shape[0]
             count += image.shape[0]
     finally:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -43,7 +42,6 @@ from monai.networks.utils import eval_mode
 from monai.utils import convert_to_tensor
 from torch import nn
 
-from monai_cf.data.encoding import AttributeEncoder
 from monai_cf.engines.evaluation_runner import (
     CounterfactualRunner,
     EvaluationAccumulator,
@@ -66,10 +64,10 @@ from monai_cf.engines.evaluation_sections import (
     reversibility_results,
     utility_results,
 )
+from monai_cf.engines.predictor_trainer import train_attribute_predictor
 from monai_cf.engines.runtime import tune_cpu_allocator
-from monai_cf.graph import AttributeKind, CausalGraph
+from monai_cf.graph import CausalGraph
 from monai_cf.handlers.report import CounterfactualReportWriter, flatten_results
-from monai_cf.losses import AttributeLoss
 from monai_cf.metrics import (
     composition_distances,
     draw_intervention_values,
@@ -77,84 +75,10 @@ from monai_cf.metrics import (
     l1_255,
     reversibility_distances,
 )
-from monai_cf.networks.nets.predictor import AttributePredictor
 
-__all__ = ["CounterfactualEvaluator", "train_attribute_predictor"]
+__all__ = ["CounterfactualEvaluator"]
 
 logger = logging.getLogger("monai_cf.engines")
-
-
-def train_attribute_predictor(
-    images: torch.Tensor,
-    attributes: Mapping[str, torch.Tensor],
-    graph: CausalGraph | Mapping | str,
-    epochs: int = 5,
-    batch_size: int = 64,
-    lr: float = 3e-3,
-    channels: Sequence[int] = (16, 32, 64, 128),
-    seed: int = 0,
-    device: torch.device | str | None = None,
-) -> nn.Module:
-    """Train a small :class:`~monai_cf.networks.AttributePredictor` (``"small_cnn"``) with Adam: a simple default.
-
-    Used by :class:`CounterfactualEvaluator` for the utility stage (predictors trained on counterfactuals
-    only) when no ``train_predictor_fn`` is given; it also gives a quick evaluation predictor on the phantom.
-    Losses: BCE / cross-entropy for discrete attributes, MSE on the ``[-1, 1]`` encoding for continuous ones.
-
-    Args:
-        images: ``(N, C, *spatial)`` images in ``[0, 1]``.
-        attributes: canonical values ``{name: (N,)}`` of the attributes to predict (those of the graph present).
-        graph: the causal graph.
-        epochs: passes over the data.
-        batch_size: mini-batch size.
-        lr: Adam learning rate (cosine-annealed to zero).
-        channels: widths of the small CNN's stages.
-        seed: seeds the initialisation and the shuffling.
-        device: where to train (default: the images' device).
-
-    Returns:
-        The trained predictor, in eval mode.
-
-    Example::
-
-        predictor = train_attribute_predictor(torch.from_numpy(batch["image"]), batch, "mimic_cxr", epochs=5)
-    """
-    graph = CausalGraph.build(graph)
-    names = [n for n in graph.image_parents if n in attributes] or [n for n in graph.attributes if n in attributes]
-    if not names:
-        raise ValueError(f"No attribute of the graph among {sorted(attributes)}.")
-    device = torch.device(device) if device is not None else images.device
-    encoder = AttributeEncoder(graph)
-    targets = {}
-    for name in names:
-        values = torch.as_tensor(attributes[name]).reshape(-1).cpu()
-        if graph[name].kind == AttributeKind.CATEGORICAL:
-            targets[name] = values.long()
-        else:
-            targets[name] = encoder.encode_attribute(name, values)[:, 0]
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        predictor = AttributePredictor(images.ndim - 2, images.shape[1], graph, attributes=names, channels=channels)
-    predictor = predictor.to(device).train()
-    loss_fn = AttributeLoss(graph, attributes=names)
-    optimizer = torch.optim.Adam(predictor.parameters(), lr=lr)
-    count = images.shape[0]
-    steps = max(1, epochs * math.ceil(count / batch_size))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    for _ in range(epochs):
-        order = torch.randperm(count, generator=generator)
-        for start in range(0, count, batch_size):
-            index = order[start : start + batch_size]
-            if index.numel() < 2:
-                continue  # batch norm needs two samples
-            batch_x = images[index.to(images.device)].to(device).float()
-            loss = loss_fn(predictor(batch_x), {n: t[index].to(device) for n, t in targets.items()})
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    return predictor.eval()
 
 
 class CounterfactualEvaluator(Evaluator):

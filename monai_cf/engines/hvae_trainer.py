@@ -23,20 +23,13 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 from torch.utils.data import DataLoader
 
-from monai_cf.engines.optimizers import OptimizerFactory
+from monai_cf.engines.distributed import is_distributed
+from monai_cf.engines.optimizers import OptimizerFactory, create_warmup_scheduler, guarded_optimizer_step
+from monai_cf.engines.prepare_batch import CounterfactualPrepareBatch
+from monai_cf.engines.reproducibility import IterationSeeder, derive_seed
 from monai_cf.engines.runtime import tune_cpu_allocator
 from monai_cf.engines.trainer_factory import attach_stage_handlers, create_optimizer, training_device, world_size
-from monai_cf.engines.utils import (
-    CounterfactualPrepareBatch,
-    IterationSeeder,
-    MeanMetric,
-    OutputSummary,
-    create_warmup_scheduler,
-    derive_seed,
-    guarded_optimizer_step,
-    is_distributed,
-    lower_is_better,
-)
+from monai_cf.engines.training_handlers import MeanMetric, OutputSummary, lower_is_better
 from monai_cf.handlers.ema import EMAUpdateHandler, ExponentialMovingAverage, unwrap_module
 from monai_cf.networks.nets.diffusion import DiffusionImageMechanism
 from monai_cf.networks.nets.hvae import HVAE

@@ -28,16 +28,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from monai_cf.data.encoding import AttributeEncoder
 from monai_cf.engines.optimizers import OptimizerFactory
+from monai_cf.engines.prepare_batch import AttributePrepareBatch
+from monai_cf.engines.reproducibility import create_data_loader
 from monai_cf.engines.runtime import tune_cpu_allocator
-from monai_cf.engines.trainer_factory import attach_stage_handlers, create_optimizer, training_device, wrap_distributed
-from monai_cf.engines.utils import (
-    AttributePrepareBatch,
-    IterationSeeder,
-    MeanMetric,
-    OutputSummary,
-    create_data_loader,
-    lower_is_better,
-)
+from monai_cf.engines.trainer_factory import attach_stage_handlers, build_supervised_trainer, training_device
+from monai_cf.engines.training_handlers import MeanMetric, lower_is_better
 from monai_cf.graph import AttributeKind, CausalGraph
 from monai_cf.handlers.ema import unwrap_module
 from monai_cf.losses import MechanismNLLLoss
@@ -188,21 +183,19 @@ def create_mechanism_trainer(
 
     train_loader = as_loader(train_data, True)
     prepare = AttributePrepareBatch(graph, image_key=None)
-    optimizer_factory = optimizer
-    optimizer = create_optimizer(optimizer_factory, likelihood.parameters(), lr, weight_decay, fused_on=device)
-    trainer = SupervisedTrainer(
-        device=device,
+    trainer = build_supervised_trainer(
+        likelihood,
+        train_loader,
+        MechanismNLLLoss(),
+        prepare,
         max_epochs=max_epochs,
-        train_data_loader=train_loader,
-        network=wrap_distributed(likelihood, device, distributed),
-        optimizer=optimizer,
-        loss_function=MechanismNLLLoss(),
-        prepare_batch=prepare,
-        decollate=False,
-        optim_set_to_none=True,
+        optimizer_factory=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        device=device,
+        seed=seed,
+        distributed=distributed,
     )
-    OutputSummary(("loss",)).attach(trainer)
-    IterationSeeder(seed).attach(trainer)
     evaluator = None
     if val_data is not None:
         per_attribute = {
@@ -227,14 +220,14 @@ def create_mechanism_trainer(
         "num_parameters": sum(p.numel() for p in likelihood.parameters()),
         "seed": seed,
     }
-    objects = {"trainer": trainer, "network": unwrap_module(likelihood).mechanisms, "optimizer": optimizer}
+    objects = {"trainer": trainer, "network": unwrap_module(likelihood).mechanisms, "optimizer": trainer.optimizer}
     attach_stage_handlers(
         trainer,
         objects,
         output_dir,
         stage_params,
+        trainer.optimizer,
         optimizer,
-        optimizer_factory,
         handler_kwargs,
         evaluator=evaluator,
         key_metric_negative_sign=True,

@@ -17,6 +17,7 @@ MAE in original units (continuous), :class:`AttributeMetrics`.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -26,15 +27,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import LrScheduleHandler
 from monai.utils import CommonKeys, IgniteInfo, min_version, optional_import
 from torch import nn
 from torch.utils.data import DataLoader
 
 from monai_cf.data.encoding import AttributeEncoder
 from monai_cf.engines.optimizers import OptimizerFactory
+from monai_cf.engines.prepare_batch import AttributePrepareBatch
+from monai_cf.engines.reproducibility import create_data_loader
 from monai_cf.engines.runtime import tune_cpu_allocator
-from monai_cf.engines.trainer_factory import attach_stage_handlers, create_optimizer, training_device, wrap_distributed
-from monai_cf.engines.utils import AttributePrepareBatch, IterationSeeder, OutputSummary, lower_is_better
+from monai_cf.engines.trainer_factory import attach_stage_handlers, build_supervised_trainer, training_device
+from monai_cf.engines.training_handlers import lower_is_better
 from monai_cf.graph import AttributeKind, CausalGraph
 from monai_cf.losses import AttributeLoss
 from monai_cf.metrics import roc_auc
@@ -47,7 +51,7 @@ else:
     idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
     Metric, _ = optional_import("ignite.metrics", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Metric", as_type="base")
 
-__all__ = ["AttributeMetrics", "attribute_auc", "create_predictor_trainer"]
+__all__ = ["AttributeMetrics", "attribute_auc", "create_predictor_trainer", "train_attribute_predictor"]
 
 
 def attribute_auc(kind: str, labels: torch.Tensor | np.ndarray, scores: torch.Tensor | np.ndarray) -> float:
@@ -231,22 +235,20 @@ def create_predictor_trainer(
     predictor = predictor.to(device)
     prepare = AttributePrepareBatch(predictor.graph, attributes=predictor.attributes)
     loss_function = loss_function or AttributeLoss(predictor.graph, attributes=predictor.attributes)
-    optimizer_factory = optimizer
-    optimizer = create_optimizer(optimizer_factory, predictor.parameters(), lr, weight_decay, fused_on=device)
-    trainer = SupervisedTrainer(
-        device=device,
+    trainer = build_supervised_trainer(
+        predictor,
+        train_loader,
+        loss_function,
+        prepare,
         max_epochs=max_epochs,
-        train_data_loader=train_loader,
-        network=wrap_distributed(predictor, device, distributed),
-        optimizer=optimizer,
-        loss_function=loss_function,
-        prepare_batch=prepare,
+        optimizer_factory=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        device=device,
+        seed=seed,
+        distributed=distributed,
         amp=amp,
-        decollate=False,
-        optim_set_to_none=True,
     )
-    OutputSummary(("loss",)).attach(trainer)
-    IterationSeeder(seed).attach(trainer)
     evaluator = None
     discrete = any(predictor.graph[n].is_discrete for n in predictor.attributes)
     if val_loader is not None:
@@ -271,16 +273,86 @@ def create_predictor_trainer(
         "num_parameters": sum(p.numel() for p in predictor.parameters()),
         "seed": seed,
     }
-    objects = {"trainer": trainer, "network": predictor, "optimizer": optimizer}
+    objects = {"trainer": trainer, "network": predictor, "optimizer": trainer.optimizer}
     attach_stage_handlers(
         trainer,
         objects,
         output_dir,
         stage_params,
+        trainer.optimizer,
         optimizer,
-        optimizer_factory,
         handler_kwargs,
         evaluator=evaluator,
         key_metric_negative_sign=not discrete,
     )
     return trainer
+
+
+def train_attribute_predictor(
+    images: torch.Tensor,
+    attributes: Mapping[str, torch.Tensor],
+    graph: CausalGraph | Mapping | str,
+    epochs: int = 5,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    channels: Sequence[int] = (16, 32, 64, 128),
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Train a small :class:`~monai_cf.networks.AttributePredictor` (``"small_cnn"``) on tensors in memory.
+
+    The same training as :func:`create_predictor_trainer` (its ``SupervisedTrainer``,
+    :class:`~monai_cf.networks.AttributeLoss`, per-iteration seeds), with Adam whose learning rate is
+    cosine-annealed to zero over the run and no validation. :class:`CounterfactualEvaluator` uses it for the
+    utility stage (predictors trained on counterfactuals only) when no ``train_predictor_fn`` is given. The
+    caller's global random state is left as it was.
+
+    Args:
+        images: ``(N, C, *spatial)`` images in ``[0, 1]``.
+        attributes: canonical values ``{name: (N,)}`` of the attributes to predict (those of the graph present).
+        graph: the causal graph.
+        epochs: passes over the data.
+        batch_size: mini-batch size.
+        lr: Adam learning rate (cosine-annealed to zero).
+        channels: widths of the small CNN's stages.
+        seed: seeds the initialisation, the order and the per-iteration random state.
+        device: where to train (default: the images' device).
+
+    Returns:
+        The trained predictor, in eval mode.
+
+    Example::
+
+        predictor = train_attribute_predictor(torch.from_numpy(batch["image"]), batch, "mimic_cxr", epochs=5)
+    """
+    graph = CausalGraph.build(graph)
+    names = [n for n in graph.image_parents if n in attributes] or [n for n in graph.attributes if n in attributes]
+    if not names:
+        raise ValueError(f"No attribute of the graph among {sorted(attributes)}.")
+    device = torch.device(device) if device is not None else images.device
+    values = {name: torch.as_tensor(attributes[name]).reshape(-1).cpu() for name in names}
+    count = int(images.shape[0])
+    for name, column in values.items():
+        if column.numel() != count:
+            raise ValueError(f"attributes['{name}'] has {column.numel()} values for {count} images.")
+    samples = [{"image": images[i], **{name: column[i] for name, column in values.items()}} for i in range(count)]
+    with torch.random.fork_rng(devices=[images.device] if images.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        predictor = AttributePredictor(images.ndim - 2, images.shape[1], graph, attributes=names, channels=channels)
+        # batch norm needs two samples: a last batch of one is dropped
+        loader = create_data_loader(samples, batch_size=batch_size, seed=seed, drop_last=count % batch_size == 1)
+        trainer = create_predictor_trainer(
+            predictor,
+            loader,
+            max_epochs=epochs,
+            optimizer=functools.partial(torch.optim.Adam, lr=lr),
+            device=device,
+            seed=seed,
+            distributed=False,
+            stats=False,
+        )
+        steps = max(1, epochs * len(loader))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(trainer.optimizer, steps)
+        LrScheduleHandler(scheduler, print_lr=False, epoch_level=False).attach(trainer)
+        trainer.run()
+    return predictor.eval()

@@ -22,12 +22,22 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from monai.engines import SupervisedTrainer
 from torch import nn
 
-from monai_cf.engines.optimizers import OptimizerFactory, build_optimizer, optimizer_params
-from monai_cf.engines.utils import fused_optimizer_kwargs, is_distributed, setup_training_handlers
+from monai_cf.engines.distributed import is_distributed
+from monai_cf.engines.optimizers import OptimizerFactory, build_optimizer, fused_optimizer_kwargs, optimizer_params
+from monai_cf.engines.reproducibility import IterationSeeder
+from monai_cf.engines.training_handlers import OutputSummary, setup_training_handlers
 
-__all__ = ["training_device", "create_optimizer", "wrap_distributed", "world_size", "attach_stage_handlers"]
+__all__ = [
+    "training_device",
+    "create_optimizer",
+    "wrap_distributed",
+    "world_size",
+    "attach_stage_handlers",
+    "build_supervised_trainer",
+]
 
 
 def training_device(device: str | torch.device | None) -> torch.device:
@@ -124,4 +134,51 @@ def attach_stage_handlers(
     trainer.attached_handlers = setup_training_handlers(
         trainer, objects, output_dir, tracking_params=tracked, **setup_kwargs, **handler_kwargs
     )
+    return trainer
+
+
+def build_supervised_trainer(
+    network: nn.Module,
+    train_loader: Any,
+    loss_function: nn.Module,
+    prepare_batch: Any,
+    *,
+    max_epochs: int,
+    optimizer_factory: OptimizerFactory | None,
+    lr: float,
+    weight_decay: float,
+    device: torch.device,
+    seed: int,
+    distributed: bool | None,
+    amp: bool = False,
+) -> SupervisedTrainer:
+    """The MONAI ``SupervisedTrainer`` of the predictor and mechanism factories, before its handlers.
+
+    The optimiser comes from :func:`create_optimizer` (``trainer.optimizer``), the network is wrapped for a
+    distributed run (:func:`wrap_distributed`), the output is summarised for MONAI's handlers
+    (:class:`~monai_cf.engines.OutputSummary`) and every iteration is seeded
+    (:class:`~monai_cf.engines.IterationSeeder`). The factory adds its evaluator and
+    :func:`attach_stage_handlers`.
+
+    Example::
+
+        trainer = build_supervised_trainer(predictor, loader, AttributeLoss("mimic_cxr"), AttributePrepareBatch(
+            "mimic_cxr"), max_epochs=5, optimizer_factory=None, lr=1e-3, weight_decay=1e-4, device=device, seed=0,
+            distributed=None)
+    """
+    optimizer = create_optimizer(optimizer_factory, network.parameters(), lr, weight_decay, fused_on=device)
+    trainer = SupervisedTrainer(
+        device=device,
+        max_epochs=max_epochs,
+        train_data_loader=train_loader,
+        network=wrap_distributed(network, device, distributed),
+        optimizer=optimizer,
+        loss_function=loss_function,
+        prepare_batch=prepare_batch,
+        amp=amp,
+        decollate=False,
+        optim_set_to_none=True,
+    )
+    OutputSummary(("loss",)).attach(trainer)
+    IterationSeeder(seed).attach(trainer)
     return trainer

@@ -33,7 +33,7 @@ from ignite.engine import Events
 from monai.data import Dataset
 from monai.metrics import compute_roc_auc
 from monai.networks import eval_mode
-from monai.utils import set_determinism
+from monai.utils import convert_to_tensor, set_determinism
 from torch.utils.data import Subset
 
 from monai_cf.data import AttributeEncoder, csv_dataset
@@ -384,7 +384,7 @@ class AugmentationStudy:
         with eval_mode(classifier):
             for batch in loader:
                 image = batch[self.graph.image_key]
-                image = (image.as_tensor() if hasattr(image, "as_tensor") else image).to(self.device).float()
+                image = convert_to_tensor(image, track_meta=False).to(self.device).float()
                 scores.append(classifier.probabilities(image)[self.target][:, -1].cpu())
                 labels.append(torch.as_tensor(batch[self.target]).flatten())
                 for name in self.subgroups:

@@ -19,45 +19,86 @@ resumes from its last checkpoint under ``models_dir/runs/<stage>``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import inspect
 import json
 import logging
-import multiprocessing
 import os
 import resource
-import shutil
 import time
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
 import torch
-import torch.distributed as dist
-from monai.data import DataLoader
 
-from monai_cf.data import csv_dataset, load_csv_datalist
+from monai_cf.data import load_csv_datalist
 from monai_cf.engines import (
-    CFT_MODES,
+    AttributeTable,
     CounterfactualEvaluator,
     create_cft_trainer,
-    create_data_loader,
     create_hvae_trainer,
     create_mechanism_trainer,
     create_predictor_trainer,
     measure_nelbo,
 )
-from monai_cf.engines.optimizers import check_factory, describe_factory
-from monai_cf.engines.part_trainers import AttributeTable
-from monai_cf.engines.utils import ResumableDistributedSampler, process_rank
+from monai_cf.engines.distributed import process_rank
 from monai_cf.graph import CausalGraph
-from monai_cf.handlers.checkpoint import BEST_CHECKPOINT
-from monai_cf.handlers.tracking import check_tracking_uri
+from monai_cf.handlers import BEST_CHECKPOINT
 from monai_cf.networks import DeepSCM
 from monai_cf.networks.nets import AttributePredictor
+
+from .mlflow_tracking import (
+    fail_mlflow_run,
+    finish_mlflow_run,
+    stage_handler_kwargs,
+    start_mlflow_run,
+    tracking_from_handlers,
+)
+from .side_by_side import parallel_workers, train_side_by_side
+from .stage_data import (
+    ENGINE_IMAGE_KEY,
+    csv_path,
+    datalist_kwargs,
+    load_splits,
+    stage_loader,
+    write_phantom,
+)
+from .stage_files import (
+    _PREDICTOR_FILES,
+    _STAGE_FILES,
+    CFT_FILE,
+    _barrier,
+    _jsonable,
+    check_run_dir,
+    checked_stage_file,
+    comparable_settings,
+    copy_stage_file,
+    discard_stage_file,
+    load_checkpoint,
+    pretrained_problem,
+    save_stage_file,
+    state_checksum,
+    upstream_changed,
+)
+from .stage_options import (
+    _PREDICTOR_TRAINING_KEYS,
+    DEFAULT_CFT,
+    DEFAULT_DATA,
+    DEFAULT_EVALUATION,
+    DEFAULT_HVAE_TRAINING,
+    DEFAULT_MECHANISMS,
+    DEFAULT_PHANTOM,
+    DEFAULT_PREDICTOR,
+    STAGE_PARTS,
+    _cli_value,
+    check_cft_modes,
+    check_num_test,
+    check_parallel,
+    check_stage_options,
+    check_stage_parts,
+    image_model_config,
+    recorded_options,
+    retrain_set,
+)
 
 __all__ = [
     "CounterfactualPipeline",
@@ -78,34 +119,7 @@ logger = logging.getLogger("monai_cf.pipeline")
 STAGES = ("data", "guidance", "evaluation_predictor", "mechanisms", "hvae", "cft", "evaluate")
 #: the stages a shipped pretrained base provides (``pretrained_dir``); fine-tuning and evaluation always run
 PRETRAINED_STAGES = ("guidance", "evaluation_predictor", "mechanisms", "hvae")
-#: file name of a fine-tuned image model in ``models_dir``
-CFT_FILE = "hvae_cft_{mode}.pt"
-_PREDICTOR_FILES = {"guidance": "guidance_predictor.pt", "evaluation_predictor": "evaluation_predictor.pt"}
-_STAGE_FILES = {**_PREDICTOR_FILES, "mechanisms": "mechanisms.pt", "hvae": "hvae.pt"}
-CHECKPOINT_VERSION = 1
 PHANTOM_GRAPH = "mimic_cxr"
-#: the batch key of the image for every trainer and the evaluator, whatever the graph calls its image
-ENGINE_IMAGE_KEY = "image"
-
-DEFAULT_DATA = {"train_csv": "train.csv", "val_csv": "val.csv", "test_csv": "test.csv"}
-DEFAULT_PHANTOM = {"n_train": 4000, "n_val": 300, "n_test": 500, "seed": 0}
-DEFAULT_PREDICTOR = {"backbone": "small_cnn", "max_epochs": 10, "lr": 1e-3, "batch_size": 64}
-_PREDICTOR_TRAINING_KEYS = ("max_epochs", "lr", "batch_size", "optimizer", "handlers")
-#: what every training section (predictor, mechanisms, hvae_training, cft) takes beside its own settings: an optimiser
-#: factory in place of AdamW, and more handlers for its trainer
-STAGE_PARTS = ("optimizer", "handlers")
-DEFAULT_MECHANISMS = {"max_epochs": 30, "lr": 3e-3, "batch_size": 256}
-DEFAULT_HVAE_TRAINING = {"max_epochs": 8, "lr": 1e-3}
-DEFAULT_CFT = {
-    "modes": list(CFT_MODES),
-    "fine_tune_none": False,
-    "max_epochs": 7,
-    "lr": 1.5e-3,
-    "warmup_steps": 100,
-    "force_change": True,
-    "ema_rate": None,
-}
-DEFAULT_EVALUATION = {"batch_size": 100}
 
 
 def locate_bundle_root(name: str) -> str:
@@ -125,32 +139,6 @@ def locate_bundle_root(name: str) -> str:
     return str(cwd)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a stage file written by :class:`CounterfactualPipeline`, with a clear error for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"No checkpoint '{path}': run the training bundle first (or point models_dir elsewhere).")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION or "state_dict" not in ckpt:
-        raise ValueError(f"'{path}' is not a monai_cf pipeline checkpoint (version {CHECKPOINT_VERSION}).")
-    return ckpt
-
-
-def state_checksum(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 of a state dict's names, dtypes, shapes and values: what a stage file's ``checksum`` records.
-
-    Example::
-
-        state_checksum(model.state_dict())  # '9f2c...'
-    """
-    digest = hashlib.sha256()
-    for key in sorted(state_dict):
-        tensor = torch.as_tensor(state_dict[key]).detach().cpu().contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Torch's global generator seeded inside, restored after: model weights that do not depend on what ran before."""
@@ -159,87 +147,12 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def _run_together(trainer: Any) -> None:
     """Run a stage's trainer once every process has built its own: a trainer picks the checkpoint it resumes from
     when it is built, and a process that saw the first checkpoint of a faster one would skip training (and the
     collective calls in it) and hang the launch."""
     _barrier()
     trainer.run()
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-class _EngineImageKey:
-    """Moves a sample's image to the key the trainers read (``"image"``) from the key a user's graph gives it."""
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-    def __call__(self, item: Mapping[str, Any]) -> dict[str, Any]:
-        item = dict(item)
-        item[ENGINE_IMAGE_KEY] = item.pop(self.key)
-        return item
-
-
-def recorded_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """A training section as stage settings record and compare it: an optimiser factory by its description
-    (another optimiser trains the stage again), handlers left out (they watch training; one that changes it, such as
-    early stopping, needs ``--retrain`` of its stage). Without them the record is that of the options alone."""
-    recorded = {k: v for k, v in options.items() if k not in STAGE_PARTS}
-    if options.get("optimizer") is not None:
-        recorded["optimizer"] = describe_factory(options["optimizer"])
-    return recorded
-
-
-def check_stage_parts(section: str, options: Mapping[str, Any]) -> None:
-    """Fail now, naming ``section``, when its optimiser factory or handlers cannot serve: the optimiser is built once
-    on a stand-in parameter, so that a misspelt or out-of-range setting stops the run before anything trains."""
-    factory = options.get("optimizer")
-    if factory is not None:
-        check_factory(factory, f"{section}.optimizer", "a torch optimiser from the parameters")
-        try:
-            describe_factory(factory)
-            built = factory([torch.nn.Parameter(torch.zeros(1))])
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{section}.optimizer: {error}") from None
-        if not isinstance(built, torch.optim.Optimizer):
-            raise TypeError(f"{section}.optimizer built a {type(built).__name__}, not a torch.optim.Optimizer.")
-    handlers = options.get("handlers")
-    if handlers is None:
-        return
-    if isinstance(handlers, (str, Mapping)) or not isinstance(handlers, Sequence):
-        raise TypeError(f"{section}.handlers must be a list of handlers, got a {type(handlers).__name__}.")
-    for index, handler in enumerate(handlers):
-        if not callable(getattr(handler, "attach", None)):
-            raise TypeError(
-                f"{section}.handlers[{index}] is a {type(handler).__name__}, not a handler (no attach(engine) method)."
-            )
-
-
-def _cli_value(value: Any) -> Any:
-    """``true`` / ``false`` / ``null`` typed on the bundle command line arrive as strings (Fire parses only the
-    Python spellings ``True`` / ``False`` / ``None``): map them to the values they name."""
-    if isinstance(value, str):
-        return {"true": True, "false": False, "null": None, "none": None}.get(value.strip().lower(), value)
-    return value
-
-
-def _differences(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
 
 
 class CounterfactualPipeline:
@@ -356,7 +269,13 @@ class CounterfactualPipeline:
         self.spatial_dims = int(spatial_dims)
         self.in_channels = int(in_channels)
         self.batch_size = int(batch_size)
-        self.image_model_config = self._image_model_config(image_model or {"preset": "small32"})
+        self.image_model_config = image_model_config(
+            image_model or {"preset": "small32"},
+            self.graph.parents_dim,
+            self.spatial_dims,
+            self.in_channels,
+            self.spatial_size,
+        )
         self.predictor = {**DEFAULT_PREDICTOR, **dict(predictor or {})}
         self.mechanisms = {**DEFAULT_MECHANISMS, **dict(mechanisms or {})}
         self.hvae_training = {**DEFAULT_HVAE_TRAINING, **dict(hvae_training or {})}
@@ -367,21 +286,10 @@ class CounterfactualPipeline:
         self.seed = int(seed)
         self.num_workers = int(num_workers)
         self.progress_bar = bool(_cli_value(progress_bar))
-        self.experiment_name = experiment_name
-        self.tracking_uri = tracking_uri
-        for handler in handlers or ():
-            client = getattr(handler, "client", None)
-            if tracking_uri is None and client is not None and hasattr(client, "tracking_uri"):
-                self.tracking_uri = client.tracking_uri
-                self.experiment_name = getattr(handler, "experiment_name", None) or experiment_name
-        if self.tracking_uri is not None:
-            self.tracking_uri = check_tracking_uri(self.tracking_uri)
+        self.tracking_uri, self.experiment_name = tracking_from_handlers(handlers, tracking_uri, experiment_name)
         self._init_kwargs.update(tracking_uri=self.tracking_uri, experiment_name=self.experiment_name)
-        parallel = _cli_value(parallel)
-        if parallel not in (True, False, "auto"):
-            raise ValueError(f"parallel must be true, false or 'auto', got {parallel!r}.")
-        self.parallel = parallel
-        self.retrain = self._retrain_set(retrain)
+        self.parallel = check_parallel(parallel)
+        self.retrain = retrain_set(retrain, self.stages)
         self.timing: dict[str, float] = {}
         self.peak_memory_mb: dict[str, float] = {}
         self.side_by_side_peak_memory_mb: dict[str, float] = {}
@@ -393,56 +301,13 @@ class CounterfactualPipeline:
     #: this pipeline's stages in execution order
     stages: tuple[str, ...] = STAGES
 
-    def _retrain_set(self, retrain: bool | str | Sequence[str]) -> set[str]:
-        retrain = _cli_value(retrain)
-        if retrain is True:
-            return set(self.stages) - {"data"}
-        if not retrain:
-            return set()
-        names = {retrain} if isinstance(retrain, str) else set(retrain)
-        unknown = names - set(self.stages) - {"predictors"}
-        if unknown:
-            raise ValueError(f"retrain names unknown stages {sorted(unknown)}; stages: {list(self.stages[1:])}.")
-        if "predictors" in names:
-            names |= {"guidance", "evaluation_predictor"}
-        return names - {"predictors"}
-
-    def _image_model_config(self, config: Mapping[str, Any] | Any) -> dict[str, Any]:
-        if not isinstance(config, Mapping):
-            # a user's network, from a bundle config with `_mode_: callable`: recorded as the config that rebuilds it
-            check_factory(config, "image_model", "the image network")
-            try:
-                config = describe_factory(config)
-                json.dumps(config)
-            except (TypeError, ValueError) as error:
-                raise ValueError(
-                    f"image_model: {error} (its arguments must be plain values: numbers, text, lists)"
-                ) from None
-        config = dict(config)
-        if "_target_" in config:
-            return config
-        config.setdefault("parents_dim", self.graph.parents_dim)
-        if "preset" not in config:
-            config.setdefault("spatial_dims", self.spatial_dims)
-            config.setdefault("in_channels", self.in_channels)
-            config.setdefault("spatial_size", self.spatial_size)
-        return config
-
     def _validate(self) -> None:
-        num_test = _cli_value(self.evaluation.get("num_test"))
-        if "num_test" in self.evaluation:
-            self.evaluation["num_test"] = num_test
-        if num_test is not None and (isinstance(num_test, bool) or not isinstance(num_test, int) or num_test < 1):
-            raise ValueError(f"evaluation.num_test must be a positive number of test images or null, got {num_test!r}.")
+        check_num_test(self.evaluation)
         if ENGINE_IMAGE_KEY in self.graph.attributes:
             raise ValueError(
                 f"The graph names an attribute '{ENGINE_IMAGE_KEY}', the key the trainers give the image; rename it."
             )
-        unknown_cft = set(self.cft["modes"]) - set(CFT_MODES)
-        if unknown_cft or not self.cft["modes"]:
-            raise ValueError(
-                f"cft modes must be a non-empty subset of {', '.join(CFT_MODES)}; got {self.cft['modes']}."
-            )
+        check_cft_modes(self.cft["modes"])
         self._check_stage_options()
         if self.phantom is not None:
             phantom_graph = CausalGraph.from_name(PHANTOM_GRAPH)
@@ -473,10 +338,10 @@ class CounterfactualPipeline:
             )
 
     def _datalist_kwargs(self) -> dict[str, Any]:
-        return {k: self.data[k] for k in ("columns", "value_maps", "image_root", "skip_bad_rows") if k in self.data}
+        return datalist_kwargs(self.data)
 
     def _csv(self, split: str) -> Path:
-        return self.dataset_dir / str(self.data[f"{split}_csv"])
+        return csv_path(self.dataset_dir, self.data, split)
 
     # ------------------------------------------------------------------------------------------------ models
     def build_scm(self) -> DeepSCM:
@@ -560,159 +425,47 @@ class CounterfactualPipeline:
             self._write_phantom()
         _barrier()
         if not self._datasets:
-            for split in ("train", "val", "test"):
-                self._datasets[split] = csv_dataset(
-                    self._csv(split),
-                    self.graph,
-                    spatial_size=self.spatial_size,
-                    cache=True,
-                    transforms=[_EngineImageKey(self.graph.image_key)],
-                    **self._datalist_kwargs(),
-                )
-            logger.info("Data: %s", {k: len(v) for k, v in self._datasets.items()})
-            for split in ("val", "test"):
-                _warn_missing_classes(self.graph, split, getattr(self._datasets[split], "data", []))
+            self._datasets = load_splits(self.dataset_dir, self.data, self.graph, self.spatial_size)
 
     def _write_phantom(self) -> None:
-        from monai_cf.data import SyntheticCXR
-
-        settings_file = self.dataset_dir / "phantom.json"
-        wanted = {"n_train": self.phantom["n_train"], "n_val": self.phantom["n_val"], "n_test": self.phantom["n_test"]}
-        if settings_file.is_file():
-            with open(settings_file) as handle:
-                written = json.load(handle)
-            counts = written.get("counts", {})
-            have = {f"n_{split}": counts.get(split) for split in ("train", "val", "test")} | {
-                "seed": written.get("seed")
-            }
-            want = wanted | {"seed": self.phantom["seed"]}
-            if have != want:
-                raise ValueError(
-                    f"dataset_dir '{self.dataset_dir}' holds a phantom written with {have}, but the config asks for "
-                    f"{want}: choose another dataset_dir or delete that one."
-                )
-            return
-        if self.dataset_dir.exists() and any(self.dataset_dir.iterdir()):
-            raise ValueError(
-                f"dataset_dir '{self.dataset_dir}' is not empty and holds no phantom; the phantom is only written to a "
-                "new or empty directory (for your own data set phantom to null)."
-            )
-        logger.info("Writing the phantom to %s", self.dataset_dir)
-        SyntheticCXR(spatial_size=self.spatial_size, seed=self.phantom["seed"]).write(self.dataset_dir, **wanted)
+        write_phantom(self.dataset_dir, self.phantom, self.spatial_size)
 
     def _loader(self, split: str | Any, batch_size: int, shuffle: bool, across_ranks: bool = True) -> Any:
         """A resumable loader over a split (or a dataset); ``across_ranks=False`` gives every process the whole
         split (stages that run the same computation on every rank of a multi-process launch, so that all ranks
         hold identical models)."""
         dataset = self._datasets[split] if isinstance(split, str) else split
-        if across_ranks or not (dist.is_available() and dist.is_initialized()):
-            return create_data_loader(
-                dataset, batch_size=batch_size, shuffle=shuffle, seed=self.seed, num_workers=self.num_workers
-            )
-        sampler = ResumableDistributedSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=self.seed)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers)
+        return stage_loader(dataset, batch_size, shuffle, self.seed, self.num_workers, across_ranks)
 
     def _check_stage_options(self) -> None:
         """Stage settings may not name what the pipeline sets itself (handlers, device, seed, output folders)."""
-        owned = {key: "use the top-level progress_bar or --tracking" for key in self._handler_kwargs("check")}
-        owned |= {
-            "device": "use the top-level device",
-            "seed": "use the top-level seed",
-            "output_dir": "use models_dir",
-        }
-        stages = {
-            "hvae_training": (self.hvae_training, owned),
-            "cft": (self.cft, {**owned, "mode": "use cft.modes", "elbo_constraint": "the pretrained nELBO, measured"}),
-        }
-        for section, (options, reserved) in stages.items():
-            for key in options:
-                if key in reserved:
-                    raise ValueError(
-                        f"{section}.{key} is set by the pipeline ({reserved[key]}); remove it from {section}."
-                    )
-        allowed = set(inspect.signature(AttributePredictor.__init__).parameters) - {
-            "self",
-            "spatial_dims",
-            "in_channels",
-            "graph",
-        }
-        unknown = sorted(set(self.predictor) - allowed - set(_PREDICTOR_TRAINING_KEYS))
-        if unknown:
-            raise ValueError(
-                f"predictor.{unknown[0]} is neither a training setting ({', '.join(_PREDICTOR_TRAINING_KEYS)}) nor an "
-                f"AttributePredictor argument ({', '.join(sorted(allowed))})."
-            )
-        unknown = sorted(set(self.mechanisms) - set(DEFAULT_MECHANISMS) - set(STAGE_PARTS))
-        if unknown:
-            raise ValueError(
-                f"mechanisms.{unknown[0]} is not a setting; mechanisms takes "
-                f"{', '.join((*DEFAULT_MECHANISMS, *STAGE_PARTS))}."
-            )
-        for section in ("predictor", "mechanisms", "hvae_training", "cft"):
-            check_stage_parts(section, getattr(self, section))
+        handler_keys = self._handler_kwargs("check")
+        check_stage_options(self.predictor, self.mechanisms, self.hvae_training, self.cft, handler_keys)
 
     def _handler_kwargs(self, stage: str) -> dict[str, Any]:
-        return {
-            "progress_bar": self.progress_bar and process_rank() == 0,
-            "stats": False,
-            "tracking_uri": self.tracking_uri,
-            "experiment_name": self.experiment_name,
-            "run_name": stage,
-        }
+        return stage_handler_kwargs(stage, self.progress_bar, self.tracking_uri, self.experiment_name)
 
     # a stage file: weights + the settings that made them + an id later stages record as their input
     def _save(self, name: str, state_dict: Mapping[str, Any], settings: Mapping, extra: Mapping | None = None) -> str:
         """Write a stage file on rank 0; every rank returns the id rank 0 wrote."""
-        uid = uuid.uuid4().hex
-        if process_rank() == 0:
-            self.models_dir.mkdir(parents=True, exist_ok=True)
-            path = self.models_dir / name
-            tmp = path.with_suffix(".tmp")
-            payload = {
-                "version": CHECKPOINT_VERSION,
-                "uid": uid,
-                "settings": _jsonable(settings),
-                "state_dict": dict(state_dict),
-                "checksum": state_checksum(state_dict),
-                **dict(extra or {}),
-            }
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        _barrier()
-        return uid if process_rank() == 0 else load_checkpoint(self.models_dir / name)["uid"]
+        return save_stage_file(self.models_dir, name, state_dict, settings, extra)
 
     def _reusable(self, stage: str, name: str, settings: Mapping) -> dict[str, Any] | None:
         """The stage file when it can be reused, ``None`` when the stage must (re)train."""
         path = self.models_dir / name
         run_dir = self.models_dir / "runs" / name.removesuffix(".pt")
         if stage in self.retrain:
-            if process_rank() == 0:
-                if path.exists():
-                    logger.info("Retraining %s: replacing %s", stage, path)
-                    path.unlink()
-                shutil.rmtree(run_dir, ignore_errors=True)
-            _barrier()
+            discard_stage_file(stage, path, run_dir)
             return None
         self._adopt_pretrained()
         if not path.is_file():
             self._check_run_dir(run_dir, settings)
             return None
-        ckpt = load_checkpoint(path)
-        diff = _differences(self._comparable(ckpt["settings"]), self._comparable(_jsonable(settings)))
-        if diff:
-            raise ValueError(
-                f"'{path}' was trained with other settings ({'; '.join(diff[:6])}). Pass --retrain \"['{stage}']\" "
-                f"(or true for all stages) to replace it, or use another models_dir."
-            )
-        logger.info("Reusing %s (%s)", stage, path)
-        return ckpt
+        return checked_stage_file(stage, path, settings, self.phantom is not None)
 
     def _comparable(self, settings: Mapping[str, Any]) -> dict[str, Any]:
         """Settings as compared for reuse: the phantom is defined by its own settings, not by where it lies."""
-        settings = dict(settings)
-        if self.phantom is not None:
-            settings.pop("dataset_dir", None)
-        return settings
+        return comparable_settings(settings, self.phantom is not None)
 
     def _expected_settings(self, stage: str) -> dict[str, Any]:
         settings = self._stage_settings(stage)
@@ -732,31 +485,13 @@ class CounterfactualPipeline:
             if problem:
                 logger.warning("Not using the shipped %s (%s): it trains from scratch.", source, problem)
                 continue
-            if process_rank() == 0:
-                self.models_dir.mkdir(parents=True, exist_ok=True)
-                partial = target.with_suffix(".tmp")
-                shutil.copyfile(source, partial)
-                os.replace(partial, target)
+            copy_stage_file(source, target)
             logger.info("Using the shipped pretrained %s (%s)", stage, source)
         _barrier()
 
     def _pretrained_problem(self, stage: str, path: Path) -> str | None:
         """Why a shipped stage file cannot stand in for training the stage, or ``None`` when it can."""
-        try:
-            ckpt = load_checkpoint(path)
-        except Exception as error:  # a damaged or foreign file is a reason to train, not to stop
-            return f"unreadable: {error}"
-        if ckpt.get("checksum") is None:
-            return "it carries no checksum"
-        actual = state_checksum(ckpt["state_dict"])
-        if actual != ckpt["checksum"]:
-            return f"checksum mismatch: the file says {ckpt['checksum'][:12]}..., its weights give {actual[:12]}..."
-        diff = _differences(
-            self._comparable(ckpt["settings"]), self._comparable(_jsonable(self._expected_settings(stage)))
-        )
-        if diff:
-            return f"trained with other settings: {'; '.join(diff[:6])}"
-        return None
+        return pretrained_problem(path, self._expected_settings(stage), self.phantom is not None)
 
     def pretrain(self) -> dict[str, Any]:
         """Train the pretrained base from scratch into ``pretrained_dir``: both predictors, mechanisms and HVAE.
@@ -791,23 +526,7 @@ class CounterfactualPipeline:
 
     def _check_run_dir(self, run_dir: Path, settings: Mapping) -> None:
         """An interrupted stage resumes only with the settings it started with."""
-        settings_file = run_dir / "settings.json"
-        if settings_file.is_file():
-            with open(settings_file) as handle:
-                old = json.load(handle)
-            diff = _differences(self._comparable(old), self._comparable(_jsonable(settings)))
-            if diff:
-                raise ValueError(
-                    f"'{run_dir}' holds an interrupted run with other settings ({'; '.join(diff[:6])}); pass --retrain "
-                    "for this stage to start it afresh."
-                )
-        elif process_rank() == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            # written whole, then renamed: the other ranks check the same file and must never read half of it
-            partial = settings_file.with_suffix(".tmp")
-            with open(partial, "w") as handle:
-                json.dump(_jsonable(settings), handle, indent=1)
-            os.replace(partial, settings_file)
+        check_run_dir(run_dir, settings, self.phantom is not None)
 
     def _predictor_stage(self, stage: str, seed_offset: int) -> AttributePredictor:
         name = _PREDICTOR_FILES[stage]
@@ -1038,14 +757,11 @@ class CounterfactualPipeline:
             return True
         if stage != "cft":
             return False
-        old = load_checkpoint(path)["settings"]
-        return any(old.get(k) != v for k, v in self._cft_settings(mode).items() if k in ("hvae", "guidance"))
+        return upstream_changed(load_checkpoint(path)["settings"], self._cft_settings(mode))
 
     def _parallel_workers(self) -> int:
         """How many trainings may run side by side (1: one after the other)."""
-        if self.parallel is False or self.device.type != "cpu" or (dist.is_available() and dist.is_initialized()):
-            return 1
-        return 2**16 if self.parallel is True else torch.get_num_threads()  # True: as many as there are jobs
+        return parallel_workers(self.parallel, self.device)
 
     def _train_side_by_side(self, jobs: Sequence[tuple[str, str | None]], epsilon: float | None = None) -> None:
         """Train ``(stage, mode)`` jobs in separate processes, each writing its stage file; the sequential path
@@ -1054,37 +770,7 @@ class CounterfactualPipeline:
         if workers < 2:
             return
         self._prepare_data()  # the phantom is written once, before the processes start
-        threads = max(1, torch.get_num_threads() // workers)
-        logger.info(
-            "Training %s side by side: %d processes with %d thread(s) each",
-            ", ".join(stage if mode is None else f"{stage} {mode}" for stage, mode in jobs),
-            workers,
-            threads,
-        )
-        kwargs = dict(self._init_kwargs)
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {
-                pool.submit(
-                    _train_job,
-                    # the job's own stage may be retrained as asked; its upstream files were made by this run. By
-                    # value (cloudpickle): a config's handlers hold lambdas, which pickle cannot send
-                    cloudpickle.dumps(
-                        dict(kwargs, retrain=sorted(self.retrain & {stage}), progress_bar=self.progress_bar and i == 0)
-                    ),
-                    stage,
-                    mode,
-                    threads,
-                    epsilon,
-                ): (stage, mode)
-                for i, (stage, mode) in enumerate(jobs)
-            }
-            peak_mb = 0.0
-            for future, (stage, mode) in futures.items():
-                try:
-                    peak_mb = max(peak_mb, future.result())
-                except Exception as error:
-                    label = stage if mode is None else f"{stage} ({mode})"
-                    raise RuntimeError(f"Training {label} in its own process failed: {error}") from error
+        peak_mb = train_side_by_side(jobs, self._init_kwargs, self.retrain, self.progress_bar, workers, epsilon)
         self.side_by_side_peak_memory_mb["cft" if jobs[0][0] == "cft" else "predictors"] = peak_mb
         # the files are fresh: the sequential path must reuse them, not retrain again
         self.retrain -= {stage for stage, _ in jobs}
@@ -1093,14 +779,9 @@ class CounterfactualPipeline:
         """Like :meth:`_reusable`, but a file made from an earlier upstream model is retrained, not an error."""
         path = self.models_dir / name
         if stage not in self.retrain and path.is_file():
-            old = load_checkpoint(path)["settings"]
-            upstream = {k: old.get(k) for k in ("hvae", "guidance")}
-            if upstream != {k: settings[k] for k in ("hvae", "guidance")}:
+            if upstream_changed(load_checkpoint(path)["settings"], settings):
                 logger.info("%s was fine-tuned from earlier models; fine-tuning again.", path)
-                if process_rank() == 0:
-                    path.unlink()
-                    shutil.rmtree(self.models_dir / "runs" / name.removesuffix(".pt"), ignore_errors=True)
-                _barrier()
+                discard_stage_file(stage, path, self.models_dir / "runs" / name.removesuffix(".pt"))
                 self._check_run_dir(self.models_dir / "runs" / name.removesuffix(".pt"), settings)
                 return None
         return self._reusable(stage, name, settings)
@@ -1147,7 +828,7 @@ class CounterfactualPipeline:
             options["observational_data"] = {n: [r[n] for r in records] for n in self.graph.attributes}
         run_id = None
         if self.tracking_uri is not None:
-            run_id = self._mlflow_run("evaluate")
+            run_id = start_mlflow_run(self.tracking_uri, self.experiment_name, "evaluate")
         evaluator = CounterfactualEvaluator(
             self.graph,
             test,
@@ -1166,82 +847,10 @@ class CounterfactualPipeline:
             evaluator.run()
         except BaseException:
             if run_id is not None:
-                from mlflow import MlflowClient
-
-                MlflowClient(self.tracking_uri).set_terminated(run_id, "FAILED")
+                fail_mlflow_run(self.tracking_uri, run_id)
             raise
         self.results = evaluator.results
         if run_id is not None:
-            self._finish_mlflow_run(run_id, self.results.get("config", {}))
+            finish_mlflow_run(self.tracking_uri, run_id, self.results.get("config", {}))
         logger.info("Amplification: %s", {k: round(v, 4) for k, v in self.results["amplification"].items()})
         return self.results
-
-    def _mlflow_run(self, name: str) -> str:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(self.tracking_uri)
-        experiment = client.get_experiment_by_name(self.experiment_name)
-        experiment_id = (
-            experiment.experiment_id if experiment is not None else client.create_experiment(self.experiment_name)
-        )
-        run = client.create_run(experiment_id, run_name=name)
-        return run.info.run_id
-
-    def _finish_mlflow_run(self, run_id: str, config: Mapping[str, Any]) -> None:
-        """The evaluation's settings as the run's parameters, and its end when the evaluation ended."""
-        from mlflow import MlflowClient
-        from mlflow.entities import Param
-
-        client = MlflowClient(self.tracking_uri)
-        params = [
-            Param(key, json.dumps(value) if not isinstance(value, str) else value) for key, value in config.items()
-        ]
-        client.log_batch(run_id, params=[p for p in params if len(p.value) <= 6000])
-        client.set_terminated(run_id)
-
-
-def _warn_missing_classes(graph: CausalGraph, split: str, records: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
-    """Warn, naming the split and attribute, when a split lacks classes of a discrete attribute (AUCs undefined)."""
-    missing = {}
-    for name in graph.attributes:
-        var = graph[name]
-        if not var.is_discrete or not records:
-            continue
-        present = {int(r[name]) for r in records if name in r}
-        absent = [var.class_names[c] for c in range(var.num_classes) if c not in present]
-        if absent:
-            missing[name] = absent
-            logger.warning(
-                "The %s split (%d rows) has no '%s' of attribute '%s': its AUC is undefined there and %s",
-                split,
-                len(records),
-                "', '".join(absent),
-                name,
-                "the key metric averages the attributes whose AUC is defined."
-                if split == "val"
-                else "its effectiveness and amplification terms are left out of the means.",
-            )
-    return missing
-
-
-def _train_job(kwargs: bytes, stage: str, mode: str | None, threads: int, epsilon: float | None) -> float:
-    """One side-by-side training (runs in a spawned process): rebuild the pipeline from its cloudpickled arguments,
-    train, write the stage file.
-
-    Returns the process's peak resident memory in MB.
-    """
-    kwargs = cloudpickle.loads(kwargs)
-    torch.set_num_threads(threads)
-    if not logging.getLogger().handlers:
-        label = stage if mode is None else f"{stage} {mode}"
-        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{label}] %(message)s")
-    pipeline = CounterfactualPipeline(**{**kwargs, "parallel": False})
-    if stage in ("guidance", "evaluation_predictor"):
-        getattr(pipeline, f"stage_{stage}")()
-    elif stage == "cft":
-        pipeline.cft["modes"] = [mode]
-        pipeline._cft_epsilon = epsilon
-        pipeline.stage_cft()
-    else:
-        raise ValueError(f"stage {stage!r} does not train side by side.")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

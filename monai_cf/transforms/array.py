@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from monai.networks import eval_mode
-from monai.utils import MAX_SEED
+from monai.utils import MAX_SEED, convert_to_tensor
 
 from monai_cf.graph import CausalGraph
 from monai_cf.interventions import allowed_values, draw_other_in_range
@@ -287,7 +287,7 @@ class BatchCounterfactual:
                 only valid when the image an id reaches this call with never changes (no random transform
                 before it).
         """
-        plain = images.as_tensor() if hasattr(images, "as_tensor") else torch.as_tensor(images)
+        plain = convert_to_tensor(images, wrap_sequence=True, track_meta=False)
         batch = int(plain.shape[0])
         if isinstance(interventions, Mapping):
             interventions = [interventions] * batch
@@ -422,8 +422,8 @@ def _usable_entry(entry: Mapping[str, Any] | None, shape: Sequence[int], names: 
 
 
 def _plain_values(values: Any) -> Any:
-    if hasattr(values, "as_tensor"):
-        return values.as_tensor()
+    if isinstance(values, torch.Tensor):
+        return convert_to_tensor(values, track_meta=False)
     if isinstance(values, tuple):
         return list(values)
     return values
@@ -475,7 +475,7 @@ def restore_batch(values: torch.Tensor, mask: torch.Tensor, template: Any, graph
     var = graph[name]
     rows = mask.nonzero().flatten().tolist()
     if isinstance(template, torch.Tensor):
-        plain = template.as_tensor() if hasattr(template, "as_tensor") else template
+        plain = convert_to_tensor(template, track_meta=False)
         dtype = plain.dtype if var.is_discrete or plain.is_floating_point() else torch.float32
         result = plain.to(dtype=dtype, copy=True)
         flat = result.reshape(len(mask), -1)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from monai.engines.utils import PrepareBatch, default_prepare_batch
 from monai.transforms import Randomizable
-from monai.utils import convert_to_dst_type, ensure_tuple
+from monai.utils import convert_to_dst_type, convert_to_tensor, ensure_tuple
 
 from monai_cf.graph import CausalGraph
 from monai_cf.transforms.array import (
@@ -208,7 +208,7 @@ class CounterfactualBatchAugmenter(Randomizable, PrepareBatch):
         encoder = self.scm.encoder
         parents = self.graph.image_parents
         vector = encoder.parents_vector(encoder.encode({p: attributes[p].cpu() for p in parents}, names=parents))
-        plain = pa.as_tensor() if hasattr(pa, "as_tensor") else torch.as_tensor(pa)
+        plain = convert_to_tensor(pa, wrap_sequence=True, track_meta=False)
         result = plain.clone()
         result[changed.to(result.device)] = vector[changed].to(result)
         return convert_to_dst_type(result, dst=pa)[0] if isinstance(pa, np.ndarray) else result

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
-from monai.utils import TransformBackends, convert_to_dst_type
+from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
 
 from monai_cf.graph import CausalGraph
 from monai_cf.transforms.array import (
@@ -120,7 +120,7 @@ class _CounterfactualTransform(MapTransform):
         affected: list[str] = []
         for index, key in enumerate(self.key_iterator(d)):
             img = d[key]
-            plain = img.as_tensor() if hasattr(img, "as_tensor") else torch.as_tensor(img)
+            plain = convert_to_tensor(img, wrap_sequence=True, track_meta=False)
             sample_key = None if self.id_key is None else [f"{read_scalar(d[self.id_key])}|{key}"]
             # Further image keys get the first key's counterfactual attributes as a joint intervention, so
             # every image of the sample shows the same descendants' draw.

@@ -12,12 +12,17 @@
 
 For the Morpho-MNIST (batch 32) and MIMIC-192 (batch 16) architectures: training images/s (forward, backward,
 AdamW step), counterfactual images/s (abduct + decode), peak memory, GFLOP/s achieved (FLOPs counted once with
-``torch.utils.flop_counter``). One line per configuration, then a summary line. No speed-up over the reference
-implementation is printed: a ratio is only meaningful when both are timed side by side in one run (fresh processes,
-order alternated), and the reference is not shipped; a figure measured on another day is not a baseline. Each
-configuration runs in its own process (clean peak memory). Images/s is
-the median over several timed windows (best and worst printed beside it), because on a shared VM windows of the
-same computation differ by up to 30%; the verdicts use the median.
+``torch.utils.flop_counter``). One line per configuration, then a summary line. Each configuration runs in its
+own process (clean peak memory).
+
+A speed-up over the reference implementation is printed only when the reference is timed in the same run:
+``--reference CHECKOUT`` points at a checkout of it (nothing of it is shipped; see ``reference_hvae.py``), and then
+monai_cf and the reference run side by side, each configuration ``--rounds`` times in fresh processes with the
+order alternated between rounds, and the ratio of the median images/s is printed. Without it the figures are
+absolute and the summary says that no ratio was measured: a figure measured on another day is not a baseline.
+
+Images/s is the median over several timed windows (best and worst printed beside it), because on a shared VM
+windows of the same computation differ by up to 30%; the verdicts use the median.
 
 ``--precision`` picks the HVAE's arithmetic (:attr:`monai_cf.networks.HVAE.precision`; the default ``auto`` is
 the library default: bf16 autocast on CPUs with native bf16 for large models such as MIMIC-192, float32 for
@@ -30,7 +35,7 @@ scored in fp32 on held-out images; it prints both nELBOs and their relative diff
 process, as the monai_cf engines do on a CPU; ``--allocator default`` keeps the C library's settings.
 
 Usage: ``python tests/benchmarks/bench_hvae_speed.py [--threads 2] [--precision auto] [--elbo-steps 200]
-[--allocator tuned]``.
+[--allocator tuned] [--reference ~/causal-gen --rounds 3]``.
 """
 
 from __future__ import annotations
@@ -137,26 +142,73 @@ def _run(preset: str, task: str, threads: int, precision: str, allocator: str) -
         step()
     flops = counter.get_total_flops()
     load = os.getloadavg()[0]
+    timed = _timed_windows(step, cfg, threads)
+    return {
+        "config": f"{preset} {task}",
+        "precision": _resolved_path(precision, model),
+        "params": sum(p.numel() for p in model.parameters()),
+        "batch": cfg["batch"],
+        **timed,
+        "GFLOP/step": flops / 1e9,
+        "GFLOP/s": flops * timed["img/s"] / cfg["batch"] / 1e9,
+        "load": f"{load:.1f}->{os.getloadavg()[0]:.1f}",
+    }
+
+
+def _timed_windows(step: Callable[[], None], cfg: dict[str, int], threads: int) -> dict[str, Any]:
     # several timed windows: on a shared VM single windows of the same computation differ by up to 30%
     windows = [
         measure(step, cfg["batch"], threads, cfg["warmup"] if i == 0 else 0, cfg["repeats"])
         for i in range(cfg["windows"])
     ]
     rates = sorted(w["img/s"] for w in windows)
-    median = statistics.median(rates)
     return {
-        "config": f"{preset} {task}",
-        "precision": _resolved_path(precision, model),
-        "params": sum(p.numel() for p in model.parameters()),
-        "batch": cfg["batch"],
-        "img/s": median,
+        "img/s": statistics.median(rates),
         "best img/s": rates[-1],
         "worst img/s": rates[0],
-        "GFLOP/step": flops / 1e9,
-        "GFLOP/s": flops * median / cfg["batch"] / 1e9,
         "peak MB": max(w["peak MB"] for w in windows),
+    }
+
+
+def _run_reference(checkout: str, preset: str, task: str, threads: int, allocator: str) -> dict[str, Any]:
+    """The reference HVAE of ``checkout`` timed as :func:`_run` times ours (same windows, threads and allocator)."""
+    from reference_hvae import load_reference, reference_step
+
+    _setup_process(threads, allocator)
+    cfg = CONFIGS[preset]
+    model, args = load_reference(checkout, preset)
+    step = reference_step(model, args, task, cfg["batch"])
+    load = os.getloadavg()[0]
+    timed = _timed_windows(step, cfg, threads)
+    return {
+        "config": f"{preset} {task} (reference)",
+        "precision": "fp32",
+        "params": sum(p.numel() for p in model.parameters()),
+        "batch": cfg["batch"],
+        **timed,
+        "GFLOP/step": float("nan"),
+        "GFLOP/s": float("nan"),
         "load": f"{load:.1f}->{os.getloadavg()[0]:.1f}",
     }
+
+
+def side_by_side(
+    checkout: str, preset: str, task: str, rounds: int, threads: int, precision: str, allocator: str
+) -> dict[str, list[dict[str, Any]]]:
+    """monai_cf and the reference at ``preset`` / ``task``, each ``rounds`` times in fresh processes, the order
+    alternated between rounds (monai_cf first in even rounds) so that a drifting machine favours neither."""
+    runs: dict[str, list[dict[str, Any]]] = {"monai_cf": [], "reference": []}
+    calls = {
+        "monai_cf": (_run, (preset, task, threads, precision, allocator)),
+        "reference": (_run_reference, (checkout, preset, task, threads, allocator)),
+    }
+    context = mp.get_context("spawn")
+    for index in range(rounds):
+        for label in ("monai_cf", "reference") if index % 2 == 0 else ("reference", "monai_cf"):
+            function, arguments = calls[label]
+            with context.Pool(1) as pool:
+                runs[label].append(pool.apply(function, arguments))
+    return runs
 
 
 def _phantom_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +283,13 @@ def main() -> None:
     parser.add_argument(
         "--allocator", default="tuned", choices=("tuned", "default"), help="C allocator: tune_cpu_allocator or not"
     )
+    parser.add_argument(
+        "--reference", default=None, metavar="CHECKOUT", help="a checkout of the reference HVAE to time side by side"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="side-by-side rounds with --reference (order alternated)")
     args = parser.parse_args()
+    if args.reference is not None and not Path(args.reference).expanduser().is_dir():
+        parser.error(f"--reference {args.reference}: not a folder (a checkout of the reference implementation)")
     print(
         f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, precision {args.precision}, "
         f"allocator {args.allocator}"
@@ -250,16 +308,40 @@ def main() -> None:
     ]
     print("| " + " | ".join(columns + ["load"]) + " |")
     print("|" + "---|" * (len(columns) + 1))
-    results = []
+    results, ratios = [], []
     ctx = mp.get_context("spawn")
     for preset in args.configs.split(","):
         for task in ("train", "cf"):
-            with ctx.Pool(1) as pool:
-                result = pool.apply(_run, (preset, task, args.threads, args.precision, args.allocator))
-            results.append(result)
-            print("| " + " | ".join(_fmt(result[c]) for c in columns + ["load"]) + " |", flush=True)
+            if args.reference is None:
+                with ctx.Pool(1) as pool:
+                    result = pool.apply(_run, (preset, task, args.threads, args.precision, args.allocator))
+                results.append(result)
+                print("| " + " | ".join(_fmt(result[c]) for c in columns + ["load"]) + " |", flush=True)
+                continue
+            try:
+                runs = side_by_side(
+                    args.reference, preset, task, args.rounds, args.threads, args.precision, args.allocator
+                )
+            except ValueError as error:  # the checkout lacks this preset: ours alone, no ratio
+                print(f"reference skipped for {preset}: {error}", flush=True)
+                args_ours = (preset, task, args.threads, args.precision, args.allocator)
+                with ctx.Pool(1) as pool:
+                    runs = {"monai_cf": [pool.apply(_run, args_ours)], "reference": []}
+            for run in runs["monai_cf"] + runs["reference"]:
+                print("| " + " | ".join(_fmt(run[c]) for c in columns + ["load"]) + " |", flush=True)
+            ours = statistics.median(r["img/s"] for r in runs["monai_cf"])
+            results.append({**runs["monai_cf"][0], "img/s": ours})
+            if runs["reference"]:
+                theirs = statistics.median(r["img/s"] for r in runs["reference"])
+                ratios.append(
+                    f"{preset} {task} monai_cf {ours:.1f} / reference {theirs:.1f} img/s = {ours / theirs:.2f}x "
+                    f"(medians of {len(runs['reference'])} alternated rounds, {runs['monai_cf'][0]['precision']})"
+                )
     verdicts = [f"{r['config']} {r['img/s']:.1f} img/s" for r in results]
-    verdicts.append("no ratio to the reference implementation measured (it was not timed in this run)")
+    if ratios:
+        verdicts += [f"side by side in this run: {ratio}" for ratio in ratios]
+    else:
+        verdicts.append("no ratio to the reference implementation measured (it was not timed in this run)")
     if args.elbo_steps > 0:
         runs = []
         for precision in ("fp32", args.precision):

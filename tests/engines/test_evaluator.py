@@ -29,7 +29,8 @@ from monai.data import DataLoader
 from PIL import Image
 
 from monai_cf.data import SyntheticCXR, csv_dataset
-from monai_cf.engines.evaluator import CounterfactualEvaluator, train_attribute_predictor
+from monai_cf.engines.evaluator import CounterfactualEvaluator
+from monai_cf.engines.predictor_trainer import train_attribute_predictor
 from monai_cf.graph import CausalGraph
 from monai_cf.handlers.report import format_report, log_evaluation_to_mlflow
 from monai_cf.metrics import auc_standard_error

@@ -11,13 +11,22 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
+from ignite.engine import Engine
 from monai.handlers import StatsHandler
+from torch import nn
 
 from monai_cf.engines import create_mechanism_trainer, create_predictor_trainer, setup_training_handlers
-from monai_cf.engines.optimizers import build_optimizer, describe_factory, optimizer_params
+from monai_cf.engines.optimizers import (
+    build_optimizer,
+    create_warmup_scheduler,
+    describe_factory,
+    guarded_optimizer_step,
+    optimizer_params,
+)
 from monai_cf.graph import CausalGraph
 from monai_cf.networks import AttributePredictor, build_mechanisms
 
@@ -68,3 +77,87 @@ def test_a_non_handler_is_refused_by_position():
     trainer = create_mechanism_trainer(build_mechanisms(graph), data, graph=graph)
     with pytest.raises(TypeError, match=r"handlers\[1\] is a str"):
         setup_training_handlers(trainer, {"trainer": trainer}, handlers=[StatsHandler(), "stats"])
+
+
+def test_warmup_schedule_values():
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = create_warmup_scheduler(optimizer, warmup_steps=100)
+    lrs = []
+    for _ in range(101):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(1e-5)
+    assert lrs[49] == pytest.approx(5e-4)
+    assert lrs[99] == pytest.approx(1e-3) and lrs[100] == pytest.approx(1e-3)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LinearLR)
+
+
+@pytest.mark.parametrize(
+    "warmup_steps, factors", [(4, [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]), (1, [1.0] * 3), (0, [1.0] * 3)]
+)
+def test_warmup_factor_reaches_one_after_warmup_steps_updates(warmup_steps, factors):
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
+    scheduler = create_warmup_scheduler(optimizer, warmup_steps=warmup_steps)
+    seen = []
+    for _ in factors:
+        seen.append(optimizer.param_groups[0]["lr"] / 2.0)
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx(factors, abs=1e-12)
+
+
+def test_a_resumed_warmup_continues_where_it_stopped():
+    def run(interrupt_at=None, steps=7):
+        param = nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.SGD([param], lr=1.0)
+        scheduler = create_warmup_scheduler(optimizer, warmup_steps=5)
+        lrs = []
+        for n in range(steps):
+            if n == interrupt_at:
+                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+                param = nn.Parameter(torch.zeros(1))
+                optimizer = torch.optim.SGD([param], lr=1.0)
+                scheduler = create_warmup_scheduler(optimizer, warmup_steps=5)
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return lrs
+
+    assert run(interrupt_at=3) == run()
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0, got -1"):
+        create_warmup_scheduler(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), warmup_steps=-1)
+
+
+def _step(model, optimizer, x, engine=None, **kwargs):
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    return loss, guarded_optimizer_step(engine, optimizer, loss, **kwargs)
+
+
+def test_guarded_step_clips_and_skips():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = Engine(lambda e, b: None)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    loss, (norm, skipped) = _step(model, optimizer, torch.full((2, 4), float("nan")), engine)
+    assert skipped and not math.isfinite(float(norm)) and not math.isfinite(float(loss.detach()))
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    assert engine.state.skipped_updates == 1 and engine.state.step_skipped
+
+    _, (norm, skipped) = _step(model, optimizer, torch.full((2, 4), 1e3), engine, grad_skip=10.0)
+    assert skipped and float(norm) > 10.0
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert engine.state.skipped_updates == 2
+
+    # clipped: the applied SGD step has norm lr * grad_clip although the gradient is much larger
+    _, (norm, skipped) = _step(model, optimizer, torch.full((2, 4), 30.0), engine, grad_clip=1.0, grad_skip=None)
+    assert not skipped and float(norm) > 1.0
+    moved = torch.cat([(p - b).reshape(-1) for b, p in zip(before, model.parameters())])
+    assert float(moved.detach().norm()) == pytest.approx(0.1, rel=1e-4)
+    assert engine.state.skipped_updates == 2 and not engine.state.step_skipped

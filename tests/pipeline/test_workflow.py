@@ -538,15 +538,3 @@ def test_predictor_settings_reach_the_network(small_own_data, tmp_path):
     ).build_predictor()
     assert default.num_features == 128 and narrow.num_features == 8
     assert isinstance(narrow.dropout, torch.nn.Dropout) and narrow.dropout.p == 0.2
-
-
-def test_a_split_without_a_class_is_named_in_a_warning(caplog):
-    from monai_cf.graph import CausalGraph
-    from monai_cf.pipeline.workflow import _warn_missing_classes
-
-    graph = CausalGraph.from_name("mimic_cxr")
-    records = [{"sex": 0, "race": r % 2, "age": 50.0, "disease": 1} for r in range(6)]
-    with caplog.at_level("WARNING", logger="monai_cf.pipeline"):
-        missing = _warn_missing_classes(graph, "val", records)
-    assert missing == {"sex": ["female"], "race": ["Black"], "disease": ["no_finding"]}
-    assert "The val split (6 rows) has no 'Black' of attribute 'race'" in caplog.text
