@@ -31,7 +31,7 @@ from monai_cf.engines.optimizers import OptimizerFactory
 from monai_cf.engines.prepare_batch import AttributePrepareBatch
 from monai_cf.engines.reproducibility import create_data_loader
 from monai_cf.engines.runtime import tune_cpu_allocator
-from monai_cf.engines.trainer_factory import attach_stage_handlers, build_supervised_trainer, training_device
+from monai_cf.engines.trainer_factory import build_supervised_trainer, finish_supervised_trainer, training_device
 from monai_cf.engines.training_handlers import MeanMetric, lower_is_better
 from monai_cf.graph import AttributeKind, CausalGraph
 from monai_cf.handlers.ema import unwrap_module
@@ -211,28 +211,16 @@ def create_mechanism_trainer(
             metric_cmp_fn=lower_is_better,
             decollate=False,
         )
-    trainer.evaluator = evaluator
-    stage_params = {
-        "stage": "mechanisms",
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "batch_size": getattr(train_loader, "batch_size", None),
-        "num_parameters": sum(p.numel() for p in likelihood.parameters()),
-        "seed": seed,
-    }
-    objects = {"trainer": trainer, "network": unwrap_module(likelihood).mechanisms, "optimizer": trainer.optimizer}
-    attach_stage_handlers(
+    return finish_supervised_trainer(
         trainer,
-        objects,
+        evaluator,
+        "mechanisms",
+        unwrap_module(likelihood).mechanisms,
         output_dir,
-        stage_params,
-        trainer.optimizer,
         optimizer,
         handler_kwargs,
-        evaluator=evaluator,
         key_metric_negative_sign=True,
     )
-    return trainer
 
 
 def _negative_log_prob(name: str | None) -> Callable[[Mapping], torch.Tensor]:

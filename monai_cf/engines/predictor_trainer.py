@@ -37,7 +37,7 @@ from monai_cf.engines.optimizers import OptimizerFactory
 from monai_cf.engines.prepare_batch import AttributePrepareBatch
 from monai_cf.engines.reproducibility import create_data_loader
 from monai_cf.engines.runtime import tune_cpu_allocator
-from monai_cf.engines.trainer_factory import attach_stage_handlers, build_supervised_trainer, training_device
+from monai_cf.engines.trainer_factory import build_supervised_trainer, finish_supervised_trainer, training_device
 from monai_cf.engines.training_handlers import lower_is_better
 from monai_cf.graph import AttributeKind, CausalGraph
 from monai_cf.losses import AttributeLoss
@@ -263,29 +263,17 @@ def create_predictor_trainer(
             amp=amp,
             decollate=False,
         )
-    trainer.evaluator = evaluator
-    stage_params = {
-        "stage": "predictor",
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "batch_size": getattr(train_loader, "batch_size", None),
-        "attributes": ",".join(predictor.attributes),
-        "num_parameters": sum(p.numel() for p in predictor.parameters()),
-        "seed": seed,
-    }
-    objects = {"trainer": trainer, "network": predictor, "optimizer": trainer.optimizer}
-    attach_stage_handlers(
+    return finish_supervised_trainer(
         trainer,
-        objects,
+        evaluator,
+        "predictor",
+        predictor,
         output_dir,
-        stage_params,
-        trainer.optimizer,
         optimizer,
         handler_kwargs,
-        evaluator=evaluator,
         key_metric_negative_sign=not discrete,
+        attributes=",".join(predictor.attributes),
     )
-    return trainer
 
 
 def train_attribute_predictor(

@@ -37,6 +37,7 @@ __all__ = [
     "world_size",
     "attach_stage_handlers",
     "build_supervised_trainer",
+    "finish_supervised_trainer",
 ]
 
 
@@ -181,4 +182,49 @@ def build_supervised_trainer(
     )
     OutputSummary(("loss",)).attach(trainer)
     IterationSeeder(seed).attach(trainer)
+    trainer.stage_params = {
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "batch_size": getattr(train_loader, "batch_size", None),
+        "num_parameters": sum(p.numel() for p in network.parameters()),
+        "seed": seed,
+    }
+    return trainer
+
+
+def finish_supervised_trainer(
+    trainer: SupervisedTrainer,
+    evaluator: Any,
+    stage: str,
+    checkpointed: nn.Module,
+    output_dir: str | os.PathLike | None,
+    optimizer_factory: OptimizerFactory | None,
+    handler_kwargs: dict[str, Any],
+    key_metric_negative_sign: bool,
+    **stage_params: Any,
+) -> SupervisedTrainer:
+    """Give a :func:`build_supervised_trainer` trainer its validation evaluator and its stage handlers.
+
+    The checkpoints hold the trainer, ``checkpointed`` and the optimiser; the tracked parameters are ``stage``, the
+    ones :func:`build_supervised_trainer` recorded (``trainer.stage_params``: learning rate, weight decay, batch
+    size, parameter count, seed) and ``stage_params``, then the optimiser's (:func:`attach_stage_handlers`).
+
+    Example::
+
+        finish_supervised_trainer(trainer, evaluator, "predictor", predictor, "runs/p", None, {"progress_bar": False},
+                                  key_metric_negative_sign=False, attributes="sex,race")
+    """
+    trainer.evaluator = evaluator
+    objects = {"trainer": trainer, "network": checkpointed, "optimizer": trainer.optimizer}
+    attach_stage_handlers(
+        trainer,
+        objects,
+        output_dir,
+        {"stage": stage, **trainer.stage_params, **stage_params},
+        trainer.optimizer,
+        optimizer_factory,
+        handler_kwargs,
+        evaluator=evaluator,
+        key_metric_negative_sign=key_metric_negative_sign,
+    )
     return trainer

@@ -19,7 +19,9 @@ from torch import nn
 
 from monai_cf.engines.trainer_factory import (
     attach_stage_handlers,
+    build_supervised_trainer,
     create_optimizer,
+    finish_supervised_trainer,
     training_device,
     world_size,
     wrap_distributed,
@@ -85,3 +87,44 @@ def test_tracked_parameters_merge_stage_optimizer_and_caller(monkeypatch):
     assert tracked["seed"] == 7 and tracked["extra"] == "x"  # the caller's parameters win
     assert captured["kwargs"] == {"key_metric_negative_sign": True, "progress_bar": False}
     assert "tracking_params" not in handler_kwargs
+
+
+def test_supervised_core_trains_and_tracks_the_stage(monkeypatch, tmp_path):
+    captured = {}
+
+    def fake_setup(trainer, objects, output_dir, tracking_params=None, **kwargs):
+        captured.update(objects=objects, tracking=tracking_params, kwargs=kwargs)
+        return []
+
+    monkeypatch.setattr("monai_cf.engines.trainer_factory.setup_training_handlers", fake_setup)
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    x = torch.randn(16, 2)
+    loader = torch.utils.data.DataLoader(list(zip(x, x @ torch.tensor([[1.0], [-2.0]]))), batch_size=8)
+    sgd = functools.partial(torch.optim.SGD, lr=0.1)
+    trainer = build_supervised_trainer(
+        model,
+        loader,
+        nn.MSELoss(),
+        lambda batch, device, non_blocking, **kw: (batch[0].to(device), batch[1].to(device)),
+        max_epochs=40,
+        optimizer_factory=sgd,
+        lr=1e-3,
+        weight_decay=0.0,
+        device=torch.device("cpu"),
+        seed=3,
+        distributed=None,
+    )
+    evaluator = object()
+    finish_supervised_trainer(
+        trainer, evaluator, "demo", model, str(tmp_path), sgd, {}, key_metric_negative_sign=True, attributes="a,b"
+    )
+    assert trainer.evaluator is evaluator and captured["objects"]["network"] is model
+    assert captured["objects"]["optimizer"] is trainer.optimizer
+    tracked = captured["tracking"]
+    assert tracked["stage"] == "demo" and tracked["attributes"] == "a,b" and tracked["seed"] == 3
+    assert tracked["batch_size"] == 8 and tracked["num_parameters"] == 3 and tracked["lr"] == 0.1
+    assert captured["kwargs"] == {"evaluator": evaluator, "key_metric_negative_sign": True}
+    first_loss = nn.functional.mse_loss(model(x), x @ torch.tensor([[1.0], [-2.0]])).item()
+    trainer.run()
+    assert nn.functional.mse_loss(model(x), x @ torch.tensor([[1.0], [-2.0]])).item() < 0.01 * first_loss
