@@ -31,7 +31,12 @@ from monai_cf.engines.optimizers import OptimizerFactory
 from monai_cf.engines.prepare_batch import AttributePrepareBatch
 from monai_cf.engines.reproducibility import create_data_loader
 from monai_cf.engines.runtime import tune_cpu_allocator
-from monai_cf.engines.trainer_factory import build_supervised_trainer, finish_supervised_trainer, training_device
+from monai_cf.engines.trainer_factory import (
+    build_supervised_trainer,
+    finish_supervised_trainer,
+    supervised_trainer_options,
+    training_device,
+)
 from monai_cf.engines.training_handlers import MeanMetric, lower_is_better
 from monai_cf.graph import AttributeKind, CausalGraph
 from monai_cf.handlers.ema import unwrap_module
@@ -188,13 +193,7 @@ def create_mechanism_trainer(
         train_loader,
         MechanismNLLLoss(),
         prepare,
-        max_epochs=max_epochs,
-        optimizer_factory=optimizer,
-        lr=lr,
-        weight_decay=weight_decay,
-        device=device,
-        seed=seed,
-        distributed=distributed,
+        **supervised_trainer_options(locals()),
     )
     evaluator = None
     if val_data is not None:

@@ -36,9 +36,14 @@ __all__ = [
     "wrap_distributed",
     "world_size",
     "attach_stage_handlers",
+    "SUPERVISED_TRAINER_OPTIONS",
+    "supervised_trainer_options",
     "build_supervised_trainer",
     "finish_supervised_trainer",
 ]
+
+#: the arguments of the predictor and mechanism factories that :func:`build_supervised_trainer` takes as they are
+SUPERVISED_TRAINER_OPTIONS = ("max_epochs", "optimizer", "lr", "weight_decay", "device", "seed", "distributed")
 
 
 def training_device(device: str | torch.device | None) -> torch.device:
@@ -138,6 +143,12 @@ def attach_stage_handlers(
     return trainer
 
 
+def supervised_trainer_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`SUPERVISED_TRAINER_OPTIONS` (and ``amp`` where given) among a factory's ``locals()``."""
+    names = SUPERVISED_TRAINER_OPTIONS + (("amp",) if "amp" in arguments else ())
+    return {name: arguments[name] for name in names}
+
+
 def build_supervised_trainer(
     network: nn.Module,
     train_loader: Any,
@@ -145,7 +156,7 @@ def build_supervised_trainer(
     prepare_batch: Any,
     *,
     max_epochs: int,
-    optimizer_factory: OptimizerFactory | None,
+    optimizer: OptimizerFactory | None,
     lr: float,
     weight_decay: float,
     device: torch.device,
@@ -164,16 +175,15 @@ def build_supervised_trainer(
     Example::
 
         trainer = build_supervised_trainer(predictor, loader, AttributeLoss("mimic_cxr"), AttributePrepareBatch(
-            "mimic_cxr"), max_epochs=5, optimizer_factory=None, lr=1e-3, weight_decay=1e-4, device=device, seed=0,
+            "mimic_cxr"), max_epochs=5, optimizer=None, lr=1e-3, weight_decay=1e-4, device=device, seed=0,
             distributed=None)
     """
-    optimizer = create_optimizer(optimizer_factory, network.parameters(), lr, weight_decay, fused_on=device)
     trainer = SupervisedTrainer(
         device=device,
         max_epochs=max_epochs,
         train_data_loader=train_loader,
         network=wrap_distributed(network, device, distributed),
-        optimizer=optimizer,
+        optimizer=create_optimizer(optimizer, network.parameters(), lr, weight_decay, fused_on=device),
         loss_function=loss_function,
         prepare_batch=prepare_batch,
         amp=amp,

@@ -108,7 +108,7 @@ def test_supervised_core_trains_and_tracks_the_stage(monkeypatch, tmp_path):
         nn.MSELoss(),
         lambda batch, device, non_blocking, **kw: (batch[0].to(device), batch[1].to(device)),
         max_epochs=40,
-        optimizer_factory=sgd,
+        optimizer=sgd,
         lr=1e-3,
         weight_decay=0.0,
         device=torch.device("cpu"),
