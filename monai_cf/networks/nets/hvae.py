@@ -113,6 +113,11 @@ class HVAE(nn.Module):
             through a learned linear map to a full spatial map (a parent-dependent bias map, zero at
             initialisation; the prior stream never sees it). 0: parents enter only as the reference does,
             spatially constant.
+        state_parents: the parents also enter each decoder block's state as a spatially constant per-channel
+            offset (the reference's pathway). ``False`` leaves the parent maps as the decoder's only parent
+            pathway (they must then be on, ``parent_maps_max_res > 0``): the two pathways can represent one effect
+            twice, in large opposite parts whose imperfect cancellation changes the whole image under an
+            intervention whose true effect is local.
         act: activation for MONAI's ``Act`` factory (GELU by default).
         stem_kernel_size: kernel size of the encoder's stem convolution.
         min_logscale: floor of the likelihood's log-scale.
@@ -190,6 +195,7 @@ class HVAE(nn.Module):
         z_max_res: int | None = None,
         bias_max_res: int = 64,
         parent_maps_max_res: int = 0,
+        state_parents: bool = True,
         act: str | tuple = "GELU",
         stem_kernel_size: int = 7,
         min_logscale: float = -9.0,
@@ -266,6 +272,15 @@ class HVAE(nn.Module):
             }
         )
         self.parent_maps_max_res = int(parent_maps_max_res)
+        if not isinstance(state_parents, bool):
+            raise ValueError(f"state_parents must be True or False, got {state_parents!r}.")
+        self.state_parents = state_parents
+        if parents_dim > 0 and not self.state_parents and not any(r <= self.parent_maps_max_res for r, _ in dec_stages):
+            raise ValueError(
+                "state_parents=False needs parent maps (parent_maps_max_res of at least the first decoder resolution, "
+                f"{dec_stages[0][0]}), else the decoder never sees the parents; got parent_maps_max_res="
+                f"{parent_maps_max_res}."
+            )
         # parent-dependent bias maps of the deterministic state (never of the prior stream): a linear path from
         # the parents to a spatial map at each resolution, zero at initialisation
         self.parent_maps = nn.ModuleDict(
@@ -293,7 +308,9 @@ class HVAE(nn.Module):
         self._posterior_mid_splits = {res: mids for res, mids in mids_at.items()}
         if parents_dim > 0:
             self.posterior_parents_proj = nn.Linear(parents_dim, sum(sum(m) for m in mids_at.values()), bias=False)
-            self.state_parents_proj = nn.Linear(parents_dim, sum(b.width for b in blocks), bias=False)
+            self.state_parents_proj = (
+                nn.Linear(parents_dim, sum(b.width for b in blocks), bias=False) if state_parents else None
+            )
         else:
             self.posterior_parents_proj = None
             self.state_parents_proj = None
@@ -616,7 +633,7 @@ class HVAE(nn.Module):
         state_pa: list[torch.Tensor | None] = [None] * len(blocks)
         posterior_extra: dict[int, list[torch.Tensor]] = {}
         singleton = (1,) * self.spatial_dims
-        if pa is not None:
+        if pa is not None and self.state_parents_proj is not None:
             sizes = [b.width for b in blocks]
             projected = self.state_parents_proj(pa).split(sizes, dim=1)
             state_pa = [p.reshape(p.shape + singleton) for p in projected]  # type: ignore[misc]

@@ -460,3 +460,25 @@ def test_parent_maps_start_at_zero_and_stay_out_of_the_prior():
     torch.testing.assert_close(model.counterfactual(x, pa, pa, posterior_mean=True), x, atol=1e-5, rtol=0)
     with pytest.raises(ValueError):
         HVAE(**{**TINY_2D, "parents_dim": 0}, parent_maps_max_res=8).counterfactual(x, None, pa)
+
+
+def test_without_state_parents_the_parent_maps_are_the_only_decoder_pathway():
+    torch.manual_seed(6)
+    model = HVAE(**TINY_2D, parent_maps_max_res=8, state_parents=False, precision="fp32")
+    assert model.state_parents_proj is None and model.posterior_parents_proj is not None
+    assert model.state_parents_proj not in model.parents_pathway_parameters()
+    x, pa = _data(TINY_2D, batch=4, seed=6)
+    latents = model.abduct(x, pa, posterior_mean=True)
+    with torch.no_grad():
+        zero_maps, _ = model.decode(latents, pa)
+        other_parents, _ = model.decode(latents, pa + 1.0)
+        torch.testing.assert_close(other_parents, zero_maps)  # zero maps and no state pathway: parents unseen
+        for linear in model.parent_maps.values():
+            linear.weight.normal_(0.0, 0.5)
+        moved, _ = model.decode(latents, pa + 1.0)
+        same, _ = model.decode(latents, pa)
+    assert (moved - same).abs().mean() > 1e-3
+    torch.testing.assert_close(model.counterfactual(x, pa, pa, posterior_mean=True), x, atol=1e-5, rtol=0)
+    model.elbo(x, pa)["nelbo"].backward()  # trains
+    with pytest.raises(ValueError, match="state_parents=False needs parent maps"):
+        HVAE(**TINY_2D, state_parents=False)
