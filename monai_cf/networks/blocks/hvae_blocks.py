@@ -23,6 +23,7 @@ from monai.networks.layers.factories import Conv, Pool
 from monai.networks.layers.utils import get_act_layer
 
 from monai_cf.networks.layers.convolution import pointwise_conv, spatial_conv
+from monai_cf.networks.layers.distributions import PosteriorSampleKL
 
 __all__ = [
     "HVAEBottleneckBlock",
@@ -318,3 +319,81 @@ class HVAEDecoderBlock(nn.Module):
         self.z_proj = conv_type(z_dim, width + (0 if last else out_width), 1)
         self.feature_proj = None if last else conv_type(width, out_width, 1, bias=False)
         self.conv = HVAEBottleneckBlock(spatial_dims, width, mid, out_width, kernel_size, residual=True, act=act)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        z_stream: torch.Tensor,
+        posterior_extra: torch.Tensor | None = None,
+        latent: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        posterior_mean: bool = False,
+        want_kl: bool = False,
+        state_parents: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """One top-down step: the latent, then the updated state and the next prior stream.
+
+        The latent comes from the posterior when ``posterior_extra`` (the block's encoder-feature and parents term)
+        is given, else it is ``latent``, else a prior draw at ``temperature``. ``h`` may hold several parent sets
+        for one prior stream (branch-major, ``h.shape[0]`` a multiple of ``z_stream.shape[0]``); the posterior
+        reads the first (the factual parents).
+
+        Args:
+            h: the deterministic state ``(branches * B, width, *spatial)``.
+            z_stream: the prior stream ``(B, width, *spatial)``.
+            posterior_extra: the posterior's extra input; ``None`` for no posterior.
+            latent: a given latent ``(B, z_dim, *spatial)`` (no posterior).
+            temperature: scales the prior's standard deviation of a drawn latent.
+            posterior_mean: take the posterior mean instead of a posterior sample.
+            want_kl: also return the KL sums of the posterior to the prior (posterior only).
+            state_parents: the parents' per-channel offset of the state ``(branches * B, width, 1, ...)``.
+
+        Returns:
+            ``(h, next prior stream (None for the last block), z (None if deterministic), KL sums or None)``.
+
+        Example::
+
+            block = HVAEDecoderBlock(2, width=32, out_width=16, resolution=8, z_dim=4)
+            h, z_stream, z, _ = block(torch.randn(2, 32, 8, 8), torch.randn(2, 32, 8, 8))  # z from the prior
+        """
+        zd, kl_sums = self.z_dim, None
+        posterior = self.stochastic and posterior_extra is not None
+        if posterior and not want_kl:
+            # latents from the posterior and no KL: the prior's mean and scale are not needed
+            p_features, p_loc, p_logscale = self.prior(z_stream, out_slice=slice(2 * zd, None)), None, None
+        elif self.stochastic:
+            # split (not slicing) so that autograd joins the gradients with one concatenation
+            p_loc, p_logscale, p_features = self.prior(z_stream).split([zd, zd, self.width], dim=1)
+        else:
+            z, p_features = self.prior(z_stream).split([zd, self.width], dim=1)
+        # latents and KL terms in float32 (a no-op cast unless the blocks ran under bf16 autocast)
+        if posterior:
+            batch = z_stream.shape[0]
+            q_stats = self.posterior(h if h.shape[0] == batch else h[:batch], extra=posterior_extra).float()
+            q_loc, q_logscale = q_stats.chunk(2, dim=1)
+            if want_kl:
+                noise = None if posterior_mean else torch.randn_like(q_loc)
+                z, kl_sums = PosteriorSampleKL.apply(q_loc, q_logscale, p_loc.float(), p_logscale.float(), noise)
+            else:
+                z = q_loc if posterior_mean else q_loc + torch.exp(q_logscale) * torch.randn_like(q_loc)
+        elif self.stochastic and latent is None:
+            noise = torch.randn_like(p_loc, dtype=torch.float32)
+            scale = torch.exp(p_logscale.float())
+            z = p_loc.float() + scale * (noise if temperature == 1.0 else noise * temperature)
+        elif self.stochastic:
+            z = latent
+        if self.last:
+            z_state, z_next = pointwise_conv(self.z_proj, z), None
+        else:
+            z_state, z_next = pointwise_conv(self.z_proj, z).split([self.width, self.out_width], dim=1)
+        shared = p_features + z_state
+        if h.shape[0] == shared.shape[0]:
+            h = h + shared
+        else:
+            h = (h.unflatten(0, (-1, shared.shape[0])) + shared.unsqueeze(0)).flatten(0, 1)
+        if state_parents is not None:
+            h = h + state_parents
+        h = self.conv(h)
+        if z_next is not None:
+            z_next = z_next + pointwise_conv(self.feature_proj, p_features)
+        return h, z_next, (z if self.stochastic else None), kl_sums

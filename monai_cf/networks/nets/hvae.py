@@ -41,7 +41,6 @@ from monai_cf.networks.blocks.hvae_blocks import (
 )
 from monai_cf.networks.layers.convolution import pointwise_conv, uniform_init_
 from monai_cf.networks.layers.distributions import (
-    PosteriorSampleKL,
     discretized_gaussian_log_likelihood,
     gaussian_kl,
 )
@@ -654,62 +653,22 @@ class HVAE(nn.Module):
 
         kls: list[torch.Tensor] = []
         zs: list[torch.Tensor] = []
-        latent_index = 0
-        zd = self.z_dim
-        for i, block in enumerate(blocks):
+        stochastic_index = 0
+        for block, state_offset in zip(blocks, state_pa):
             res = block.resolution
             if h.shape[-1] < res:
                 factor = res // h.shape[-1]
                 bias = self.bias_maps[str(res)] if str(res) in self.bias_maps else None
                 h = self._add_parent_map(self._upsample(h, factor, bias), pa, res)
                 z_stream = self._upsample(z_stream, factor, bias)
-            if block.stochastic and features is not None and not want_kl:
-                # latents from the posterior and no KL: the prior's mean and scale are not needed
-                p_features = block.prior(z_stream, out_slice=slice(2 * zd, None))
-                p_loc = p_logscale = None
-            elif block.stochastic:
-                # split (not slicing) so that autograd joins the gradients with one concatenation
-                p_loc, p_logscale, p_features = block.prior(z_stream).split([zd, zd, block.width], dim=1)
-            else:
-                z, p_features = block.prior(z_stream).split([zd, block.width], dim=1)
-            if block.stochastic:
-                # latents and KL terms in float32 (a no-op cast unless the blocks ran under bf16 autocast)
-                if features is not None:
-                    h_factual = h if branches == 1 else h[:batch]
-                    q_stats = block.posterior(h_factual, extra=posterior_extra[res].pop()).float()
-                    q_loc, q_logscale = q_stats.chunk(2, dim=1)
-                    if want_kl:
-                        noise = None if posterior_mean else torch.randn_like(q_loc)
-                        z, kl_sums = PosteriorSampleKL.apply(
-                            q_loc, q_logscale, p_loc.float(), p_logscale.float(), noise
-                        )
-                        kls.append(kl_sums)
-                    else:
-                        z = q_loc if posterior_mean else q_loc + torch.exp(q_logscale) * torch.randn_like(q_loc)
-                else:
-                    given = None if latents is None else latents[latent_index]
-                    if given is None:
-                        noise = torch.randn_like(p_loc, dtype=torch.float32)
-                        z = p_loc.float() + torch.exp(p_logscale.float()) * (noise if t == 1.0 else noise * t)
-                    else:
-                        z = given
-                if want_latents:
-                    zs.append(z)
-                latent_index += 1
-            if block.last:
-                z_state, z_next = pointwise_conv(block.z_proj, z), None
-            else:
-                z_state, z_next = pointwise_conv(block.z_proj, z).split([block.width, block.out_width], dim=1)
-            shared = p_features + z_state
-            if branches == 1:
-                h = h + shared
-            else:
-                h = (h.unflatten(0, (branches, batch)) + shared.unsqueeze(0)).flatten(0, 1)
-            if state_pa[i] is not None:
-                h = h + state_pa[i]
-            h = block.conv(h)
-            if z_next is not None:
-                z_stream = z_next + pointwise_conv(block.feature_proj, p_features)
+            extra = posterior_extra[res].pop() if block.stochastic and features is not None else None
+            given = None if latents is None or not block.stochastic else latents[stochastic_index]
+            h, z_stream, z, kl_sums = block(h, z_stream, extra, given, t, posterior_mean, want_kl, state_offset)
+            if kl_sums is not None:
+                kls.append(kl_sums)
+            if z is not None and want_latents:
+                zs.append(z)
+            stochastic_index += int(block.stochastic)
         return h, kls, zs
 
     @staticmethod
